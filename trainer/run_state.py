@@ -20,6 +20,7 @@ from trainer.embeddings import atomic_torch_save
 
 CHECKPOINT = "checkpoint.pt"
 BEST = "best.pt"
+FORMAT = "run-state-v1"
 
 
 @dataclass
@@ -66,14 +67,24 @@ class RunState:
                 {**w.__dict__, "epoch_log": list(map(list, w.epoch_log))} for w in self.workers
             ],
             "world_size": self.world_size,
+            "format": FORMAT,
         }
         atomic_torch_save(state, Path(path))
         return Path(path)
 
     @classmethod
     def load(cls, path: str | Path, mmap: bool = False) -> RunState:
-        """Read a file written by :meth:`save` (``mmap``: map the tensors, read on use)."""
+        """Read a file written by :meth:`save` (``mmap``: map the tensors, read on use).
+
+        Raises:
+            ValueError: for a file of the trainer before this format.
+        """
         state = torch.load(path, weights_only=True, mmap=mmap)
+        if state.pop("format", None) != FORMAT:
+            raise ValueError(
+                f"{path} is not a run state of format {FORMAT!r} (an older trainer wrote it?); "
+                f"train again without --resume, or in a new out_dir."
+            )
         state.pop("world_size")
         state["config"] = config_from_json(state["config"])
         state["curves"] = json.loads(state["curves"])

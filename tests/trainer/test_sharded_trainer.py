@@ -185,6 +185,9 @@ def test_run_state_round_trip_and_resume_checks(tmp_path, loop_data):
     other = cfg.model_copy(update={"model": ModelConfig(embedding_dim=4, hidden=[16])})
     with pytest.raises(ValueError, match="another model or data config"):
         state.check_resumable(other, 1, path)
+    torch.save({"tower": state.tower, "global_step": 1}, tmp_path / "old.pt")
+    with pytest.raises(ValueError, match="not a run state"):
+        RunState.load(tmp_path / "old.pt")
     again = Trainer(cfg, loop_data)
     again.load_checkpoint()
     assert again.global_step == 1
