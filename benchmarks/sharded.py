@@ -5,8 +5,9 @@
     python -m benchmarks.sharded --shards 4 --modes sync async --no-prefetch
 
 Every row trains the same synthetic data with the same config in this run: the in-process
-:class:`trainer.train.Trainer` loop (one torch thread unless ``--threads``), and one Ray
-trainer worker with 1, 2 and 4 shard actors on an embedded Ray (127.0.0.1). Each Ray row is
+:class:`trainer.train.Trainer`'s steps (one torch thread unless ``--threads``), and one Ray
+trainer worker with 1, 2 and 4 shard actors on an embedded Ray (127.0.0.1), timed by
+:func:`trainer.distributed.driver.bench_steps`. Each Ray row is
 compared with an in-process measurement taken just before it (``vs in-process``; the
 in-process row pools them). ``examples/s`` comes from the median step time of ``--steps``
 steps after ``--warmup`` steps; the phases are means per step (ms):
@@ -30,14 +31,14 @@ import time
 from pathlib import Path
 
 import numpy as np
-import ray
 import torch
 
 from benchmarks.common import machine, table
 from trainer.config import DistributedConfig, LossConfig, ModelConfig, TrainConfig
 from trainer.data import DataConfig, SyntheticConfig, load_dataset
-from trainer.distributed import _Run, local_ray
-from trainer.train import Trainer, make_batch, train_step
+from trainer.distributed.driver import bench_steps
+from trainer.distributed.session import local_ray
+from trainer.train import Trainer
 
 
 class _TimedStore:
@@ -59,13 +60,14 @@ class _TimedStore:
 
 
 class InProcess:
-    """The local trainer's loop (Trainer.train_epoch's body), timed per phase; kept alive so
-    that every Ray row is paired with an in-process measurement taken just before it."""
+    """The local trainer's steps (:meth:`Trainer.draw_batch` then :meth:`Trainer.train_on`),
+    timed per phase; kept alive so that every Ray row is paired with an in-process
+    measurement taken just before it."""
 
     def __init__(self, cfg: TrainConfig, ds) -> None:
         self.cfg, self.ds = cfg, ds
         self.trainer = Trainer(cfg, ds)
-        self.store = _TimedStore(self.trainer.store)
+        self.store = self.trainer.store = _TimedStore(self.trainer.store)
         self.order = self.trainer.epoch_order(0)
         self.batches = len(self.order) // cfg.batch_size
         self.b = 0
@@ -83,21 +85,10 @@ class InProcess:
             b = self.b % self.batches
             self.b += 1
             t0 = time.perf_counter()
-            batch = make_batch(self.ds, self.order[b * bs : (b + 1) * bs])
-            negatives = tr.negatives(batch.targets, tr.gen)
+            batch, negatives = tr.draw_batch(self.order[b * bs : (b + 1) * bs])
             t1 = time.perf_counter()
             inside = store.pull_s + store.push_s
-            train_step(
-                tr.tower,
-                tr.dense_opt,
-                store,
-                batch,
-                negatives,
-                self.cfg,
-                tr.num_items,
-                self.b,
-                tr.device,
-            )
+            tr.train_on(batch, negatives)
             prep += t1 - t0
             compute += time.perf_counter() - t1 - (store.pull_s + store.push_s - inside)
             step_seconds.append(time.perf_counter() - t0)
@@ -119,16 +110,6 @@ def merge(runs: list[dict]) -> dict:
     out = {k: sum(r[k] for r in runs) for k in runs[0] if k != "step_seconds"}
     out["step_seconds"] = [x for r in runs for x in r["step_seconds"]]
     return out
-
-
-def sharded(cfg: TrainConfig, ds, steps: int, warmup: int) -> dict:
-    """One Ray worker and ``num_shards`` shard actors (created and killed here)."""
-    run = _Run(cfg, ds)
-    try:
-        run.start(resume=False)
-        return ray.get(run.workers[0].bench.remote(steps, warmup))
-    finally:
-        run.shutdown()
 
 
 def rate(t: dict) -> float:
@@ -225,7 +206,7 @@ def compare(args, cfg: TrainConfig, ds, headers: list[str]) -> list[list]:
                         shard_checkpoint_every=10**9,
                     )
                     run_cfg = cfg.model_copy(update={"distributed": dist, "num_threads": None})
-                    t = sharded(run_cfg, ds, args.steps, args.warmup)
+                    t = bench_steps(run_cfg, ds, args.steps, args.warmup)  # 1 worker
                     rows.append(row("Ray, 1 worker", num_shards, mode, prefetch, t, base_runs[-1]))
                     print(table(headers, rows[-1:]).splitlines()[-1], flush=True)
     rows.insert(0, row(f"in-process ({args.threads} thr)", "-", "-", "-", merge(base_runs), None))

@@ -3,7 +3,7 @@
     python -m benchmarks.train                       # 1M items, dim 64, batch 512, 4096 sampled
     python -m benchmarks.train --num-items 100000    # a quicker run
 
-Both rows run the same trainer (`trainer.train.train_step`: pull rows, user tower, loss, dense
+Both rows run the same trainer (`trainer.step.train_step`: pull rows, user tower, loss, dense
 Adam, row-wise Adam push) on the same synthetic data in this process; only the loss differs.
 """
 

@@ -150,15 +150,19 @@ def join_rows(shards: list[torch.Tensor], partition_strategy: str = "mod") -> to
 
 
 class Partition(NamedTuple):
-    """Ids grouped by shard, and how to put per-shard results back in the original order.
+    """Ids grouped by shard, and the maps between the caller's order and the shards' order.
 
-    ``local_ids[p]`` are the local rows requested from shard ``p`` (int64 [n_p]);
-    ``order`` is an int64 permutation such that ``torch.cat(per_shard_results)[inverse]`` is in
-    the order of the ids given to :func:`partition`.
+    For ``N`` ids: ``local_ids[p]`` are the local rows requested from shard ``p`` (int64
+    ``[n_p]``, in the order the ids came); ``order`` (int64 ``[N]``) says where row ``k`` of
+    ``torch.cat(local_ids)`` stands among the ids (``ids[order]`` are the ids grouped by
+    shard); ``inverse`` (int64 ``[N]``), its inverse permutation, puts per-shard results back:
+    ``torch.cat(per_shard_results)[inverse]`` is in the order of the ids given to
+    :func:`partition`.
     """
 
     local_ids: list[torch.Tensor]
     inverse: torch.Tensor
+    order: torch.Tensor
 
 
 def partition(
@@ -167,16 +171,18 @@ def partition(
     """Group flat ``ids`` [N] by shard.
 
     Returns:
-        ``Partition(local_ids, inverse)``; gather each shard's rows for ``local_ids[p]``, concat
-        them in shard order, and index with ``inverse`` to get rows in the order of ``ids``.
+        ``Partition(local_ids, inverse, order)``; gather each shard's rows for ``local_ids[p]``,
+        concat them in shard order, and index with ``inverse`` to get rows in the order of
+        ``ids`` (or scatter them to the positions ``order`` names).
     """
     flat = ids.reshape(-1).long()
     shard, local = route(flat, num_rows, num_shards, partition_strategy)
     if num_shards == 1:
-        return Partition([local], torch.arange(flat.numel(), device=flat.device))
+        identity = torch.arange(flat.numel(), device=flat.device)
+        return Partition([local], identity, identity)
     order = torch.argsort(shard, stable=True)
     counts = torch.bincount(shard, minlength=num_shards).tolist()
     local_ids = list(torch.split(local[order], counts))
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(order.numel(), device=order.device)
-    return Partition(local_ids, inverse)
+    return Partition(local_ids, inverse, order)

@@ -114,6 +114,11 @@ class DistributedConfig(_Strict):
         300.0, gt=0.0, description="torch.distributed timeout between workers"
     )
 
+    @property
+    def uses_ray(self) -> bool:
+        """Whether these settings ask for the Ray trainer (else: the in-process one)."""
+        return self.num_shards > 1 or self.num_workers > 1 or self.use_ray or bool(self.ray_address)
+
 
 class TrainConfig(_Strict):
     """Everything a training run needs; saved with checkpoints and exports."""

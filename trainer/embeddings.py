@@ -157,6 +157,38 @@ class EmbeddingShard:
         self.counters.rows_pulled += ids.numel()
         return {name: t.index_select(0, ids) for name, t in self.tables.items()}
 
+    def check_push(
+        self, ids: torch.Tensor | dict[str, torch.Tensor], grads: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """The local rows of a push, per table, after checking them (see :meth:`push`).
+
+        Returns:
+            table -> int64 rows ``[n]``, one per gradient row.
+
+        Raises:
+            ValueError: for a table this shard does not hold, or rows outside ``[0, size)``
+                or not one per gradient row.
+        """
+        unknown = set(grads) - set(self.tables)
+        if unknown:
+            raise ValueError(
+                f"unknown tables {sorted(unknown)}; shard {self.shard_id} has "
+                f"{sorted(self.tables)}."
+            )
+        rows = {}
+        for name, grad in grads.items():
+            r = torch.as_tensor(ids[name] if isinstance(ids, dict) else ids, dtype=torch.long)
+            if grad.shape[0] != r.numel() or (
+                r.numel() and (int(r.min()) < 0 or int(r.max()) >= self.size)
+            ):
+                raise ValueError(
+                    f"shard {self.shard_id}: push of {name!r} needs unique local rows in "
+                    f"[0, {self.size}) and one gradient row each, got {r.numel()} rows and "
+                    f"{grad.shape[0]} gradient rows; route global ids with sampler.routing."
+                )
+            rows[name] = r
+        return rows
+
     def push(
         self,
         ids: torch.Tensor | dict[str, torch.Tensor],
@@ -170,22 +202,11 @@ class EmbeddingShard:
             grads: table -> ``[len(rows), dim]`` (or ``[len(rows)]``) gradients.
             step: the global step (1-based), for Adam's bias correction.
         """
-        unknown = set(grads) - set(self.tables)
-        if unknown:
-            raise ValueError(
-                f"unknown tables {sorted(unknown)}; this shard has {sorted(self.tables)}."
-            )
-        rows_pushed = 0
+        rows = self.check_push(ids, grads)
         for name, grad in grads.items():
-            rows = self._check(ids[name] if isinstance(ids, dict) else ids)
-            if grad.shape[0] != rows.numel():
-                raise ValueError(
-                    f"gradient of {name!r} has {grad.shape[0]} rows for {rows.numel()} ids."
-                )
-            self._optimizer.apply(self.tables[name], self.state[name], rows, grad, step)
-            rows_pushed = max(rows_pushed, rows.numel())
+            self._optimizer.apply(self.tables[name], self.state[name], rows[name], grad, step)
         self.counters.pushes += 1
-        self.counters.rows_pushed += rows_pushed
+        self.counters.rows_pushed += max((r.numel() for r in rows.values()), default=0)
         self.counters.last_step = max(self.counters.last_step, step)
 
     def state_dict(self) -> dict:

@@ -1,4 +1,8 @@
-"""Train -> evaluate on the test split (model and popularity) -> export artifacts."""
+"""Train (in process or on Ray) -> evaluate on the test split (model and popularity) -> export.
+
+No import cycle: the Ray backend (:mod:`trainer.distributed.driver`) is imported only when a
+config asks for it, and imports nothing from here.
+"""
 
 from __future__ import annotations
 
@@ -13,12 +17,12 @@ from trainer import metrics
 from trainer.artifacts import Artifacts, export_artifacts, load_artifacts
 from trainer.config import TrainConfig
 from trainer.data import Dataset, load_dataset
-from trainer.train import Trainer, evaluate_model, score_function
+from trainer.train import TrainResult, evaluate_model, score_function, train_local
 
 logger = logging.getLogger(__name__)
 
 
-def test_metrics(ds: Dataset, model_score_fn, ks, progress: bool = False) -> dict:
+def test_split_metrics(ds: Dataset, model_score_fn, ks, progress: bool = False) -> dict:
     """Test-split metrics of the model and of the popularity baseline."""
     return {
         "model": metrics.evaluate(ds, model_score_fn, "test", ks=tuple(ks), progress=progress),
@@ -47,28 +51,39 @@ def _models(results: dict) -> dict:
     return {k: results[k] for k in ("model", "popularity") if k in results}
 
 
+def train_model(
+    cfg: TrainConfig, resume: bool = False, dataset: Dataset | None = None
+) -> TrainResult:
+    """Train on the backend ``cfg.distributed`` asks for (Ray, or this process); the best
+    epoch's model."""
+    if cfg.distributed.uses_ray:
+        from trainer.distributed.driver import train_distributed  # imports Ray
+
+        return train_distributed(cfg, resume=resume, dataset=dataset)
+    return train_local(cfg, resume=resume, dataset=dataset)
+
+
 def run_training(cfg: TrainConfig, resume: bool = False, dataset: Dataset | None = None) -> Path:
     """Train with ``cfg``, evaluate the best epoch on the test split, export. Returns the
     artifact directory (``<out_dir>/artifacts``)."""
     start = time.perf_counter()
-    dist = cfg.distributed
-    if dist.num_shards > 1 or dist.num_workers > 1 or dist.use_ray or dist.ray_address:
-        from trainer.distributed import run_distributed
-
-        return run_distributed(cfg, resume=resume)
-    trainer = Trainer(cfg, dataset)
-    if resume and (Path(cfg.out_dir) / "checkpoint.pt").exists():
-        trainer.load_checkpoint()
-    trainer.fit()
+    result = train_model(cfg, resume=resume, dataset=dataset)
     train_seconds = time.perf_counter() - start
-    trainer.load_best()
-    enc, tables = trainer.encoder()
-    results = test_metrics(trainer.ds, score_function(enc, tables, trainer.ds), cfg.eval_ks)
+    ds, tables, enc = result.dataset, result.tables, result.encoder()
+    results = test_split_metrics(ds, score_function(enc, tables, ds), result.cfg.eval_ks)
     results["train_seconds"] = train_seconds
-    results["best_epoch"] = trainer.best_epoch + 1
-    logger.info("test metrics:\n%s", format_table(_models(results), cfg.eval_ks))
+    results["best_epoch"] = result.best_epoch + 1
+    if result.recoveries is not None:
+        results["recoveries"] = result.recoveries
+    logger.info("test metrics:\n%s", format_table(_models(results), result.cfg.eval_ks))
     return export_artifacts(
-        Path(cfg.out_dir) / "artifacts", cfg, trainer.ds, enc.tower, tables, trainer.curves, results
+        Path(result.cfg.out_dir) / "artifacts",
+        result.cfg,
+        ds,
+        enc.tower,
+        tables,
+        result.curves,
+        results,
     )
 
 
@@ -95,7 +110,7 @@ def evaluate_artifacts(path: str | Path, data_dir: str | None = None, progress: 
         "bias": torch.from_numpy(np.asarray(art.output_biases)),
     }
     ks = art.config.eval_ks
-    results = test_metrics(ds, score_function(art.encoder, tables, ds), ks, progress)
+    results = test_split_metrics(ds, score_function(art.encoder, tables, ds), ks, progress)
     return results, format_table(results, ks)
 
 
@@ -111,5 +126,6 @@ __all__ = [
     "evaluate_model",
     "format_table",
     "run_training",
-    "test_metrics",
+    "test_split_metrics",
+    "train_model",
 ]

@@ -1,16 +1,16 @@
 """Single-process training of the YouTube-DNN candidate generator.
 
 The loop (:meth:`Trainer.fit`) reads top to bottom: for each epoch, shuffle the training
-positions, and for each batch pull the item rows it needs from the store, compute the sampled
-softmax loss, step the dense optimizer and push the row gradients; validate after the epoch,
-keep the best model, stop early, checkpoint. The Ray trainer (``trainer.distributed``) reuses
-:func:`train_step` with a sharded store.
+positions, and for each batch run :func:`trainer.step.train_step` (pull the item rows it needs
+from the store, compute the sampled softmax loss, step the dense optimizer and push the row
+gradients); validate after the epoch,
+keep the best model, stop early, checkpoint (:class:`~trainer.run_state.RunState`). The Ray
+trainer (:mod:`trainer.distributed.worker`) is a :class:`Trainer` over a sharded store.
+:func:`train_local` is the in-process backend of :func:`trainer.pipeline.run_training`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
 import math
 import time
@@ -19,190 +19,22 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 import sampler
 from trainer import metrics
-from trainer.config import LossConfig, TrainConfig, config_from_json
-from trainer.data import Dataset, history_batch, load_dataset
-from trainer.embeddings import LocalStore, atomic_torch_save
-from trainer.model import SECONDS_PER_DAY, UserEncoder, UserTower
+from trainer.config import TrainConfig
+from trainer.data import Dataset, load_dataset
+from trainer.embeddings import LocalStore
+from trainer.model import UserEncoder, UserTower
+from trainer.run_state import BEST, CHECKPOINT, RunState, WorkerState
+from trainer.step import Batch, Negatives, make_batch, resolve_device, train_step
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT = "checkpoint.pt"
-BEST = "best.pt"
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when present, else CPU; ``cuda`` without a GPU is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device='cuda' but no CUDA device is visible; use device=auto or cpu.")
-    return torch.device(name)
-
-
-@dataclass
-class Batch:
-    """One batch of examples (CPU tensors).
-
-    history: int64 ``[B, L]`` global item ids, -1 padded on the left; targets: int64 ``[B]``;
-    user_features: name -> int64 ``[B]``; age_days: float32 ``[B]``.
-    """
-
-    history: torch.Tensor
-    targets: torch.Tensor
-    user_features: dict[str, torch.Tensor]
-    age_days: torch.Tensor
-
-    def __len__(self) -> int:
-        return self.targets.numel()
-
-
-def make_batch(ds: Dataset, positions: np.ndarray, with_age: bool = True) -> Batch:
-    """The examples whose targets sit at ``positions`` of ``ds.seq``."""
-    hist, _ = history_batch(ds.seq, positions, ds.max_history)
-    users = ds.seq.user_of(positions)
-    feats = {k: torch.from_numpy(np.asarray(v)[users]) for k, v in ds.user_features.items()}
-    if with_age:
-        age = (ds.t_max - ds.seq.timestamps[positions]).clip(min=0) / SECONDS_PER_DAY
-    else:
-        age = np.zeros(len(positions))
-    return Batch(
-        torch.from_numpy(np.asarray(hist)).long(),
-        torch.from_numpy(ds.seq.items[positions]).long(),
-        feats,
-        torch.from_numpy(np.asarray(age, dtype=np.float32)),
-    )
-
-
-class Negatives:
-    """Draws the candidates of a step as the loss config asks (None for the full softmax).
-
-    ``sampled``: the configured sampler (unique, TensorFlow's semantics). ``in_batch``: the
-    batch's targets, with expected counts ``B * p(item)`` from training popularity (logQ
-    correction). ``mixed``: both, expected counts added.
-    """
-
-    def __init__(self, cfg: LossConfig, num_items: int, popularity: np.ndarray) -> None:
-        self.cfg = cfg
-        self.num_items = num_items
-        pop = torch.as_tensor(popularity, dtype=torch.float64) + 1.0
-        self.unigram = (pop / pop.sum()).float()
-        if cfg.kind == "sampled" and cfg.negatives != "in_batch" and cfg.num_sampled > num_items:
-            raise ValueError(
-                f"loss.num_sampled ({cfg.num_sampled}) must be <= the number of items "
-                f"({num_items}); lower it."
-            )
-        if cfg.sampler == "log_uniform":
-            self.sampler: sampler.RangeSampler = sampler.LogUniformSampler(num_items)
-        elif cfg.sampler == "uniform":
-            self.sampler = sampler.UniformSampler(num_items)
-        else:
-            weights = (pop.float() ** cfg.unigram_distortion).tolist()
-            self.sampler = sampler.FixedUnigramSampler(num_items, unigrams=weights)
-
-    def __call__(self, targets: torch.Tensor, gen: torch.Generator) -> sampler.SampledValues | None:
-        if self.cfg.kind == "full":
-            return None
-        labels = targets.unsqueeze(1)
-        if self.cfg.negatives in ("sampled", "mixed"):
-            sv = self.sampler.sample(labels, 1, self.cfg.num_sampled, True, seed=gen)
-            if self.cfg.negatives == "sampled":
-                return sv
-        batch = targets.numel()
-        q = self.unigram.to(targets.device)
-        in_batch = sampler.SampledValues(targets, batch * q[labels], batch * q[targets])
-        if self.cfg.negatives == "in_batch":
-            return in_batch
-        return sampler.SampledValues(
-            torch.cat([sv.sampled_candidates, in_batch.sampled_candidates]),
-            sv.true_expected_count + in_batch.true_expected_count,
-            torch.cat([sv.sampled_expected_count, in_batch.sampled_expected_count]),
-        )
-
-
-def step_ids(batch: Batch, negatives: sampler.SampledValues | None, num_items: int):
-    """Unique item ids a step touches, per table use: ``(all_ids, input_ids, output_ids)``."""
-    hist = batch.history[batch.history >= 0]
-    if negatives is None:
-        out = torch.arange(num_items)
-    else:
-        out = torch.unique(torch.cat([batch.targets, negatives.sampled_candidates]))
-    inp = torch.unique(hist)
-    return torch.unique(torch.cat([inp, out])), inp, out
-
-
-def train_step(
-    tower: UserTower,
-    dense_opt: torch.optim.Optimizer,
-    store,
-    batch: Batch,
-    negatives: sampler.SampledValues | None,
-    cfg: TrainConfig,
-    num_items: int,
-    step: int,
-    device: torch.device,
-) -> float:
-    """Pull rows, forward, backward, step the tower, push row gradients. Returns the loss.
-
-    ``store`` has ``pull(ids) -> {table: rows}`` and ``push(ids_by_table, grads, step)``.
-    """
-    all_ids, in_ids, out_ids = step_ids(batch, negatives, num_items)
-    rows = store.pull(all_ids)
-    leaves = {n: r.to(device).requires_grad_() for n, r in rows.items()}
-    local = lambda ids: torch.searchsorted(all_ids, ids.cpu()).to(device)  # noqa: E731
-    hist = batch.history.to(device)
-    hist_local = torch.where(hist >= 0, local(batch.history.clamp(min=0)), 0)
-    in_table = leaves["input"] if "input" in leaves else leaves["output"]
-    autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16)
-        if device.type == "cuda" and cfg.bf16
-        else contextlib.nullcontext()
-    )
-    feats = {k: v.to(device) for k, v in batch.user_features.items()}
-    with autocast:
-        user = tower(in_table[hist_local], hist, feats, batch.age_days.to(device))
-    user = user.float()
-    targets = local(batch.targets)
-    if negatives is None:
-        logits = torch.addmm(leaves["bias"], user, leaves["output"].t())
-        loss = F.cross_entropy(logits, targets)
-    else:
-        sampled = local(negatives.sampled_candidates)
-        with sampler.unchecked():
-            loss = sampler.sampled_softmax_loss(
-                leaves["output"],
-                leaves["bias"],
-                targets,
-                user,
-                sampled.numel(),
-                all_ids.numel(),
-                sampled_values=(
-                    sampled,
-                    negatives.true_expected_count.to(device),
-                    negatives.sampled_expected_count.to(device),
-                ),
-                remove_accidental_hits=cfg.loss.remove_accidental_hits,
-            ).mean()
-    dense_opt.zero_grad(set_to_none=True)
-    loss.backward()
-    dense_opt.step()
-    grads, ids = {}, {}
-    for name, leaf in leaves.items():
-        used = in_ids if name == "input" else out_ids
-        if name == "output" and "input" not in leaves:
-            used = all_ids  # tied: the output table also served the history
-        sel = torch.searchsorted(all_ids, used)
-        ids[name] = used
-        grads[name] = leaf.grad[sel.to(device)].detach().cpu()
-    store.push(ids, grads, step)
-    return loss.detach().item()
-
 
 def build_tower(cfg: TrainConfig, ds: Dataset) -> UserTower:
+    """A freshly initialised user tower shaped by ``cfg.model`` and the data's vocabularies."""
     sizes = {k: len(v) for k, v in ds.user_feature_vocab.items()}
     feats = ds.items.features
     return UserTower(
@@ -214,6 +46,12 @@ def build_tower(cfg: TrainConfig, ds: Dataset) -> UserTower:
     )
 
 
+def user_encoder(tower: UserTower, tables: dict[str, torch.Tensor], ds: Dataset) -> UserEncoder:
+    """A user encoder over ``tables``' history table (``input``; ``output`` when tied)."""
+    inp = tables["input"] if "input" in tables else tables["output"]
+    return UserEncoder(tower, inp, ds.max_history)
+
+
 class Trainer:
     """In-process trainer: holds the data, the tower, the item store and the run state.
 
@@ -222,6 +60,8 @@ class Trainer:
         dataset: the loaded data (``load_dataset(cfg.data)`` when None).
         store: an embedding store; a :class:`LocalStore` when None.
     """
+
+    rank, world_size = 0, 1  # this trainer among the run's workers
 
     def __init__(self, cfg: TrainConfig, dataset: Dataset | None = None, store=None) -> None:
         self.cfg = cfg
@@ -304,8 +144,15 @@ class Trainer:
 
     def train_batch(self, positions: np.ndarray) -> float:
         """One training step on the examples whose targets sit at ``positions``; the loss."""
+        return self.train_on(*self.draw_batch(positions))
+
+    def draw_batch(self, positions: np.ndarray) -> tuple[Batch, sampler.SampledValues | None]:
+        """The batch of the examples at ``positions`` and its negatives (drawn from ``gen``)."""
         batch = make_batch(self.ds, positions)
-        negatives = self.negatives(batch.targets, self.gen)
+        return batch, self.negatives(batch.targets, self.gen)
+
+    def train_on(self, batch: Batch, negatives: sampler.SampledValues | None) -> float:
+        """The next global step on a drawn batch (see :func:`train_step`); the loss."""
         self.global_step += 1
         return train_step(
             self.tower,
@@ -336,7 +183,7 @@ class Trainer:
         self.batch_in_epoch = 0
         if score > self.best:
             self.best, self.best_epoch, self.bad_epochs = score, self.epoch - 1, 0
-            atomic_torch_save(self.model_state(), self.out_dir / BEST)
+            self.run_state("best").save(self.out_dir / BEST)
         else:
             self.bad_epochs += 1
         self.save_checkpoint()
@@ -347,8 +194,7 @@ class Trainer:
         tables = self.store.full_tables()
         tower = build_tower(self.cfg, self.ds)
         tower.load_state_dict({k: v.cpu() for k, v in self.tower.state_dict().items()})
-        inp = tables["input"] if "input" in tables else tables["output"]
-        return UserEncoder(tower, inp, self.ds.max_history), tables
+        return user_encoder(tower, tables, self.ds), tables
 
     def validate(self) -> dict[str, float]:
         """Filtered validation metrics (full ranking) on the validation split."""
@@ -366,52 +212,49 @@ class Trainer:
         return result["filtered"]
 
     # --- state ------------------------------------------------------------------------------
-    def model_state(self) -> dict:
-        return {
-            "config": self.cfg.to_json(),
-            "tower": {k: v.cpu() for k, v in self.tower.state_dict().items()},
-            "store": self.store.state_dict(),
-            "epoch": self.epoch,
-        }
+    def run_state(self, tag: str = "ckpt") -> RunState:
+        """The state of the run now; the store saves its part under ``tag`` (ckpt, best)."""
+        return RunState(
+            config=self.cfg,
+            tower={k: v.cpu() for k, v in self.tower.state_dict().items()},
+            store=self.store_state(tag),
+            epoch=self.epoch,
+            batch_in_epoch=self.batch_in_epoch,
+            global_step=self.global_step,
+            best=self.best,
+            best_epoch=self.best_epoch,
+            bad_epochs=self.bad_epochs,
+            curves=list(self.curves),
+            dense_opt=self.dense_opt.state_dict(),
+            workers=self.worker_states(),
+        )
+
+    def store_state(self, tag: str) -> dict:
+        """The item store's part of a :class:`RunState` (in process: the tables)."""
+        return self.store.state_dict()
+
+    def worker_states(self) -> list[WorkerState]:
+        """Every worker's random state, by rank (here: this process's)."""
+        return [WorkerState(self.gen.get_state(), torch.get_rng_state())]
 
     def save_checkpoint(self) -> Path:
-        """Everything needed to resume exactly, written atomically."""
-        state = self.model_state() | {
-            "dense_opt": self.dense_opt.state_dict(),
-            "gen": self.gen.get_state(),
-            "torch_rng": torch.get_rng_state(),
-            "batch_in_epoch": self.batch_in_epoch,
-            "global_step": self.global_step,
-            "best": self.best,
-            "best_epoch": self.best_epoch,
-            "bad_epochs": self.bad_epochs,
-            "curves": json.dumps(self.curves),
-        }
-        path = self.out_dir / CHECKPOINT
-        atomic_torch_save(state, path)
+        """Everything needed to resume exactly, written atomically to ``checkpoint.pt``."""
+        path = self.run_state().save(self.out_dir / CHECKPOINT)
+        logger.info(
+            "checkpoint at step %d (epoch %d, batch %d)",
+            self.global_step,
+            self.epoch + 1,
+            self.batch_in_epoch,
+        )
         return path
 
     def load_checkpoint(self, path: str | Path | None = None) -> None:
-        """Restore a checkpoint written by :meth:`save_checkpoint` (same config required)."""
+        """Resume from a checkpoint written by :meth:`save_checkpoint` (same model and data
+        config, same number of workers)."""
         path = Path(path) if path else self.out_dir / CHECKPOINT
-        state = torch.load(path, weights_only=True)
-        saved = config_from_json(state["config"])
-        if saved.model != self.cfg.model or saved.data != self.cfg.data:
-            raise ValueError(
-                f"checkpoint {path} was written for another model or data config; resume with "
-                f"the config saved in it ({path.parent / 'config.json'})."
-            )
-        self.tower.load_state_dict(state["tower"])
-        self.store.load_state_dict(state["store"])
-        self.dense_opt.load_state_dict(state["dense_opt"])
-        self.gen.set_state(state["gen"])
-        torch.set_rng_state(state["torch_rng"])
-        self.epoch = state["epoch"]
-        self.batch_in_epoch = state["batch_in_epoch"]
-        self.global_step = state["global_step"]
-        self.best, self.best_epoch = state["best"], state["best_epoch"]
-        self.bad_epochs = state["bad_epochs"]
-        self.curves = json.loads(state["curves"])
+        state = RunState.load(path)
+        state.check_resumable(self.cfg, self.world_size, path)
+        self.restore(state)
         logger.info(
             "resumed from %s at epoch %d, batch %d (step %d)",
             path,
@@ -420,16 +263,75 @@ class Trainer:
             self.global_step,
         )
 
+    def restore(self, state: RunState) -> None:
+        """Take over ``state``: tower, store, optimizer, position, this worker's random state."""
+        self.restore_store(state)
+        self.tower.load_state_dict(state.tower)
+        self.dense_opt.load_state_dict(state.dense_opt)
+        mine = state.workers[self.rank]
+        self.gen.set_state(mine.gen)
+        torch.set_rng_state(mine.torch_rng)
+        self.epoch = state.epoch
+        self.batch_in_epoch = state.batch_in_epoch
+        self.global_step = state.global_step
+        self.best, self.best_epoch = state.best, state.best_epoch
+        self.bad_epochs = state.bad_epochs
+        self.curves = list(state.curves)
+
+    def restore_store(self, state: RunState) -> None:
+        """Put the item store back to ``state.store`` (in process: load the tables)."""
+        self.store.load_state_dict(state.store)
+
     def load_best(self) -> None:
         """Load the best model (by the monitored validation metric) into the tower and store."""
         path = self.out_dir / BEST
         if not path.exists():
             return
-        state = torch.load(path, weights_only=True)
-        if config_from_json(state["config"]).model != self.cfg.model:
+        state = RunState.load(path)
+        if state.config.model != self.cfg.model:
             raise ValueError(f"{path} holds a model of another config; retrain or delete it.")
-        self.tower.load_state_dict(state["tower"])
-        self.store.load_state_dict(state["store"])
+        self.tower.load_state_dict(state.tower)
+        self.store.load_state_dict(state.store)
+
+    def result(self) -> TrainResult:
+        """The current model (the best one after :meth:`load_best`) for evaluation and export."""
+        enc, tables = self.encoder()
+        return TrainResult(
+            self.cfg, self.ds, enc.tower, tables, self.curves, self.best_epoch, self.global_step
+        )
+
+
+@dataclass
+class TrainResult:
+    """What a training backend hands to evaluation and export: the best epoch's model.
+
+    ``tower`` is a CPU user tower, ``tables`` the full item tables (name -> ``[R, D]``);
+    ``recoveries`` counts the Ray backend's rollbacks (None in process).
+    """
+
+    cfg: TrainConfig
+    dataset: Dataset
+    tower: UserTower
+    tables: dict[str, torch.Tensor]
+    curves: list[dict]
+    best_epoch: int  # 0-based
+    global_step: int
+    recoveries: int | None = None
+
+    def encoder(self) -> UserEncoder:
+        return user_encoder(self.tower, self.tables, self.dataset)
+
+
+def train_local(
+    cfg: TrainConfig, resume: bool = False, dataset: Dataset | None = None
+) -> TrainResult:
+    """Train in this process (from ``checkpoint.pt`` if ``resume`` and there is one)."""
+    trainer = Trainer(cfg, dataset)
+    if resume and (trainer.out_dir / CHECKPOINT).exists():
+        trainer.load_checkpoint()
+    trainer.fit()
+    trainer.load_best()
+    return trainer.result()
 
 
 def score_function(enc: UserEncoder, tables: dict[str, torch.Tensor], ds: Dataset):

@@ -29,7 +29,8 @@ from trainer.config import (  # noqa: E402
     TrainConfig,
 )
 from trainer.data import DataConfig, SyntheticConfig, load_dataset  # noqa: E402
-from trainer.distributed import local_ray, train_distributed  # noqa: E402
+from trainer.distributed.driver import train_distributed  # noqa: E402
+from trainer.distributed.session import local_ray  # noqa: E402
 from trainer.pipeline import run_training  # noqa: E402
 from trainer.train import Trainer  # noqa: E402
 
@@ -150,7 +151,7 @@ def test_killed_shard_rolls_back_to_a_common_checkpoint(
     killer.join(timeout=5)
     assert killer.killed_at is not None and killer.killed_at >= 57
     assert result.recoveries == 1
-    messages = [r.getMessage() for r in caplog.records if r.name == "trainer.distributed"]
+    messages = [r.getMessage() for r in caplog.records if r.name == "trainer.distributed.driver"]
     pattern = (
         r"shard 1 restarted, restored step (\d+); rolling every shard and worker back to the "
         r"common checkpoint at step (\d+); (redoing steps \d+-\d+|nothing to redo)$"

@@ -1,4 +1,6 @@
-"""One embedding shard as a Ray actor: a thin async wrapper around :class:`ShardServer`.
+"""The Ray transport: one embedding shard as a Ray actor (a thin async wrapper around
+:class:`~trainer.shards.server.ShardServer`), and :class:`RayShards`, the client's handle on
+such actors. The only module of :mod:`trainer.shards` that imports Ray.
 
 The actor is an asyncio actor so that a pull (or a checkpoint) that needs a step that is not
 applied yet can wait for it without blocking the pushes that will apply it; every method is a
@@ -7,8 +9,8 @@ few lines: wait for the condition, call the server, wake the waiters.
 Actors are created with ``max_restarts`` and ``max_task_retries=-1``: a killed shard comes
 back (its constructor reloads ``<out_dir>/shards/shard-<i>.pt``) and calls that were in flight
 are retried on the new incarnation, which answers them with
-:class:`~trainer.ray_store.ShardRestartedError` until the driver has rolled the whole run back
-to a common checkpoint (:mod:`trainer.distributed`).
+:class:`~trainer.shards.server.ShardRestartedError` until the driver has rolled the whole run
+back to a common checkpoint (:mod:`trainer.distributed.driver`).
 """
 
 from __future__ import annotations
@@ -21,10 +23,11 @@ from pathlib import Path
 import numpy as np
 import ray
 import torch
+from ray.exceptions import ActorUnavailableError, RayActorError
 
 from trainer.config import ModelConfig, OptimConfig
 from trainer.embeddings import table_dims
-from trainer.ray_store import ShardServer, shard_factory
+from trainer.shards.server import ShardFailure, ShardServer, shard_factory
 
 logger = logging.getLogger(__name__)
 
@@ -96,10 +99,6 @@ class ShardActor:
         asyncio.get_running_loop().call_soon(self.server.settle)  # the rest, after replying
         return rows
 
-    async def push(self, token: int, worker: int, step: int, ids: dict, grads: dict) -> None:
-        self.server.push(token, worker, step, ids, grads)
-        await self._notify()
-
     async def push_part(self, token: int, worker: int, step: int, parts: list, index: int):
         self.server.push_part(token, worker, step, parts, index)
         await self._notify()
@@ -161,3 +160,28 @@ def create_shard_actors(
             )
         )
     return actors
+
+
+class RayShards:
+    """Shard actors (:class:`ShardActor`); calls return Ray futures."""
+
+    def __init__(self, actors: list) -> None:
+        self.actors = list(actors)
+
+    @property
+    def num_shards(self) -> int:
+        return len(self.actors)
+
+    def call(self, shard: int, method: str, *args):
+        return getattr(self.actors[shard], method).remote(*args)
+
+    def put(self, obj):
+        return ray.put(obj)
+
+    def get(self, futures: list, timeout: float | None = None) -> list:
+        try:
+            return ray.get(list(futures), timeout=timeout)
+        except ShardFailure:
+            raise
+        except (RayActorError, ActorUnavailableError) as e:
+            raise ShardFailure(f"a shard actor died or is unreachable: {e}") from None

@@ -1,89 +1,18 @@
-"""The sharded store without Ray: routing against NumPy, the client's reassembly and call
-pattern, the shards' sync/async bookkeeping, fencing, two-slot checkpoints, and the pipelined
-trainer loop against the in-process trainer (shards in this process via ``LocalShards``)."""
+"""The sharded store without Ray (shards in this process via ``LocalShards``): the client's
+reassembly and call pattern, the shards' sync/async bookkeeping, fencing, two-slot checkpoints."""
 
 from __future__ import annotations
-
-import math
 
 import numpy as np
 import pytest
 import torch
 
-from sampler import routing
-from trainer.config import DistributedConfig, LossConfig, ModelConfig, OptimConfig, TrainConfig
-from trainer.data import DataConfig, SyntheticConfig, load_dataset
-from trainer.distributed import ShardedTrainer, combine_epoch_losses, plan_resources
+from trainer.config import ModelConfig, OptimConfig
 from trainer.embeddings import LocalStore, table_dims
-from trainer.ray_store import (
-    LocalShards,
-    ShardedStore,
-    ShardRestartedError,
-    ShardServer,
-    check_ref,
-    load_slotted,
-    prev_path,
-    save_slotted,
-    shard_factory,
-)
-from trainer.train import Trainer
-
-LAYOUTS = [(10, 3), (7, 4), (3, 5), (12, 4), (1000, 7), (50, 1)]  # uneven, fewer rows, even
-
-
-# --- routing against a NumPy reference -------------------------------------------------------
-def np_route(ids: np.ndarray, n: int, p: int, strategy: str) -> tuple[np.ndarray, np.ndarray]:
-    """TensorFlow's embedding_lookup arithmetic, written out with NumPy."""
-    if p == 1:
-        return np.zeros_like(ids), ids
-    if strategy == "mod":
-        return ids % p, ids // p
-    per, extras = divmod(n, p)
-    if per == 0:
-        return ids, np.zeros_like(ids)
-    threshold = extras * (per + 1)
-    shard = np.where(ids < threshold, ids // (per + 1), extras + (ids - threshold) // per)
-    start = shard * per + np.minimum(shard, extras)
-    return shard, ids - start
-
-
-def np_sizes(n: int, p: int, strategy: str) -> list[int]:
-    shard, _ = np_route(np.arange(n), n, p, strategy)
-    return np.bincount(shard, minlength=p).tolist()
-
-
-@pytest.mark.parametrize("strategy", ["mod", "div"])
-@pytest.mark.parametrize(("n", "p"), LAYOUTS)
-def test_route_and_inverse_match_numpy(strategy, n, p):
-    ids = np.arange(n)
-    shard, local = routing.route(torch.from_numpy(ids), n, p, strategy)
-    ref_shard, ref_local = np_route(ids, n, p, strategy)
-    np.testing.assert_array_equal(shard.numpy(), ref_shard)
-    np.testing.assert_array_equal(local.numpy(), ref_local)
-    sizes = routing.shard_sizes(n, p)
-    assert sizes == np_sizes(n, p, strategy)
-    assert sum(sizes) == n and max(sizes) - min(sizes) <= 1
-    seen = np.concatenate(
-        [
-            routing.global_ids(q, torch.arange(s), n, p, strategy).numpy()
-            for q, s in enumerate(sizes)
-        ]
-    )
-    np.testing.assert_array_equal(np.sort(seen), ids)  # every id on exactly one shard
-
-
-@pytest.mark.parametrize("strategy", ["mod", "div"])
-@pytest.mark.parametrize(("n", "p"), LAYOUTS)
-def test_partition_reassembles_duplicates_in_order(strategy, n, p):
-    rng = np.random.default_rng(n * 31 + p)
-    table = rng.standard_normal((n, 3)).astype(np.float32)
-    parts = routing.split_rows(torch.from_numpy(table), p, strategy)
-    ids = rng.integers(0, n, 40)  # unsorted, with duplicates
-    part = routing.partition(torch.from_numpy(ids), n, p, strategy)
-    gathered = torch.cat([parts[q][part.local_ids[q]] for q in range(p)])
-    np.testing.assert_array_equal(gathered[part.inverse].numpy(), table[ids])
-    np.testing.assert_array_equal(routing.join_rows(parts, strategy).numpy(), table)
-
+from trainer.shards.client import ShardedStore, check_ref
+from trainer.shards.local import LocalShards
+from trainer.shards.server import ShardRestartedError, ShardServer, shard_factory
+from trainer.shards.slots import load_slotted, prev_path, save_slotted
 
 # --- the client over in-process shards -------------------------------------------------------
 MODEL = ModelConfig(embedding_dim=8, hidden=[16], init_std=0.1)
@@ -290,123 +219,3 @@ def test_references_name_their_layout():
         check_ref(ref, 3, 20, "mod")
     with pytest.raises(ValueError, match="in-process trainer"):
         store.load_state_dict({"shards": []})
-
-
-def test_resource_plan_fits_two_cores():
-    d = DistributedConfig(num_shards=4, num_workers=2)
-    plan = plan_resources(d, 2.0, 0.0, "auto")
-    assert plan.shard_cpus == 0.1 and plan.worker_cpus == 0.8 and plan.worker_gpus == 0
-    assert plan_resources(d, 16.0, 2.0, "auto").worker_gpus == 1
-    with pytest.raises(ValueError, match="do not fit"):
-        plan_resources(d.model_copy(update={"worker_cpus": 1.0}), 2.0, 0.0, "cpu")
-    with pytest.raises(ValueError, match="one GPU per worker"):
-        plan_resources(d, 2.0, 0.0, "cuda")
-
-
-def test_epoch_loss_is_the_example_weighted_mean_per_step():
-    assert combine_epoch_losses([[(2.0, 10), (4.0, 10)]]) == 3.0
-    assert combine_epoch_losses([[(2.0, 30), (1.0, 1)], [(4.0, 10), (float("nan"), 0)]]) == (
-        pytest.approx(((2 * 30 + 4 * 10) / 40 + 1.0) / 2)
-    )
-
-
-# --- the pipelined trainer loop, in process --------------------------------------------------
-SYN = SyntheticConfig(num_users=150, num_items=120, mean_sequence_length=10, seed=5)
-
-
-def loop_config(tmp_path, **dist) -> TrainConfig:
-    return TrainConfig(
-        data=DataConfig(synthetic=SYN),
-        model=ModelConfig(embedding_dim=8, hidden=[16]),
-        loss=LossConfig(num_sampled=32),
-        batch_size=32,
-        epochs=1,
-        progress=False,
-        device="cpu",
-        eval_ks=[10, 50],
-        monitor="HR@50",
-        out_dir=tmp_path,
-        distributed=DistributedConfig(num_shards=3, partition_strategy="div", **dist),
-    )
-
-
-def sharded_trainer(cfg: TrainConfig, ds) -> ShardedTrainer:
-    d = cfg.distributed
-    servers = [
-        ShardServer(
-            shard_factory(
-                q,
-                d.num_shards,
-                ds.num_items,
-                table_dims(cfg.model),
-                cfg.optim,
-                d.partition_strategy,
-                cfg.model.init_std,
-                cfg.seed,
-            ),
-            1,
-            d.mode,
-            cfg.out_dir,
-        )
-        for q in range(d.num_shards)
-    ]
-    for s in servers:
-        s.restore(1, "ckpt", s.restored_step)
-    store = ShardedStore(
-        LocalShards(servers), ds.num_items, d.partition_strategy, token=1, staleness=0
-    )
-    return ShardedTrainer(cfg, ds, store)
-
-
-@pytest.fixture(scope="module")
-def loop_data():
-    return load_dataset(DataConfig(synthetic=SYN))
-
-
-def test_pipelined_epoch_equals_local_epoch(tmp_path, loop_data):
-    cfg = loop_config(tmp_path)
-    local = Trainer(cfg, loop_data)
-    expected = local.train_epoch()
-    sharded = sharded_trainer(cfg, loop_data)
-    log = sharded.run_epoch()
-    assert len(log) == math.ceil(len(loop_data.train_positions) / cfg.batch_size)
-    assert combine_epoch_losses([log]) == expected
-    assert sharded.store.times.prefetch_hits == len(log)  # every step's rows were prefetched
-    for name, table in local.store.full_tables().items():
-        torch.testing.assert_close(sharded.store.full_tables()[name], table, rtol=0, atol=0)
-    torch.testing.assert_close(
-        torch.cat([p.reshape(-1) for p in sharded.tower.parameters()]),
-        torch.cat([p.reshape(-1) for p in local.tower.parameters()]),
-        rtol=0,
-        atol=0,
-    )
-
-
-def test_mid_epoch_checkpoint_resumes_exactly(tmp_path, loop_data):
-    """The checkpoint keeps the sampler state from before the prefetched batch's draw."""
-    cfg = loop_config(tmp_path, shard_checkpoint_every=5)
-    whole = sharded_trainer(cfg.model_copy(update={"out_dir": tmp_path / "whole"}), loop_data)
-    expected = whole.run_epoch()
-    first = sharded_trainer(cfg, loop_data)
-    first.run_epoch(max_steps=8)  # checkpoints at step 5; steps 6-8 are lost
-    assert first.global_step == 8
-    again = sharded_trainer(cfg, loop_data)  # the shards load their step-5 files
-    assert {s.restored_step for s in again.store.backend.servers} == {5}
-    again.load_checkpoint()
-    assert again.global_step == 5 and len(again.epoch_log) == 5
-    log = again.run_epoch()
-    assert log == expected
-    for name, table in whole.store.full_tables().items():
-        torch.testing.assert_close(again.store.full_tables()[name], table, rtol=0, atol=0)
-
-
-def test_async_loop_prefetches_before_compute(tmp_path, loop_data):
-    cfg = loop_config(tmp_path, mode="async", max_staleness=1)
-    tr = sharded_trainer(cfg, loop_data)
-    tr.store.staleness = 1
-    calls = tr.store.backend.calls
-    tr.run_epoch(max_steps=3)
-    kinds = [c[0] for c in calls if c[0] in ("pull", "push_part")]
-    # step 1's rows, then step 2's pulled before step 1's push: one step of staleness
-    assert kinds[:9] == ["pull"] * 3 + ["pull"] * 3 + ["push_part"] * 3
-    assert tr.store.times.prefetch_hits == 3

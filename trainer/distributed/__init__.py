@@ -1,0 +1,45 @@
+"""Ray training: item tables sharded over actors, N trainer workers, rollback on failures.
+
+Layout of a run (``python -m trainer train --num-shards 4 --num-workers 2``), by module::
+
+    plan     the pure arithmetic: resources per actor, seeds, each worker's part of a batch
+    worker   ShardedTrainer: one worker's pipelined loop, dense all-reduce (torch.distributed)
+    actors   TrainWorker: the Ray actor around a ShardedTrainer
+    driver   RayRun: creates the actors, runs the epochs, rolls back on failures
+    session  the Ray to use (connected, a cluster, or embedded on 127.0.0.1)
+
+    driver  --creates-->  P ShardActor (trainer.shards.actor), restartable
+            --creates-->  N TrainWorker, each a ShardedTrainer + ShardedStore
+    TrainWorker r  --pull/push-->  every shard (one call per shard per step, concurrently)
+    TrainWorker r  <--all-reduce-->  the other workers' dense gradients (torch.distributed)
+
+Only ``actors``, ``driver`` and ``session`` import Ray.
+
+Semantics.
+
+* Each global batch (``batch_size`` examples, the local trainer's order) is split into N
+  contiguous parts; worker ``r`` computes part ``r`` with its own negatives (worker 0 draws
+  from ``seed``, so one worker reproduces the in-process trainer exactly). Dense gradients
+  are weighted by ``n_r / batch`` and all-reduced (gloo on CPU, nccl on GPU) before every
+  worker steps its Adam, so the towers stay identical; row gradients are weighted the same
+  way and, in ``sync`` mode, summed by the shards and applied once per step.
+* ``sync``: a pull for step ``t`` sees every push of steps < t, so one worker reproduces the
+  in-process trainer exactly. The next step's rows are prefetched right after this step's
+  push is issued (not earlier: they may be rows this push changes); the shard answers that
+  pull once the push is in, and the worker meanwhile prepares the batch after next. Shards
+  apply a push lazily: the pending updates of the rows a pull reads first, the rest right
+  after replying, so most of the row optimizer's work overlaps the worker's next step
+  (exact: the optimizer is row-wise). ``async``: a pull for step ``t`` only waits for steps
+  <= ``t - 1 - max_staleness``, and the next step's rows are prefetched *before* the
+  current step computes (staleness 1 when ``max_staleness >= 1``).
+* Checkpoints: every ``shard_checkpoint_every`` steps (and ``checkpoint_every`` if set) and
+  at every epoch end, all shards write ``<out_dir>/shards/shard-<i>.pt`` (two slots, atomic)
+  and then worker 0 writes ``checkpoint.pt`` (a :class:`~trainer.run_state.RunState`: tower,
+  optimizer, data position, every worker's sampler generator and the partial epoch's
+  losses). ``checkpoint.pt`` is the commit point.
+* Failures: a killed shard restarts (Ray ``max_restarts``), reloads its last file and refuses
+  requests until the driver has rolled *every* shard and worker back to the step of
+  ``checkpoint.pt`` (a shard that came back alone would mix timelines). The workers are
+  recreated, the steps since that checkpoint are redone, and the log says which. A killed
+  driver resumes with ``--resume`` the same way.
+"""
