@@ -19,8 +19,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from trainer.data.build import build_dataset
 from trainer.data.config import SyntheticConfig
-from trainer.data.dataset import Dataset, ItemTable, UserTable, build_dataset
+from trainer.data.dataset import Dataset
+from trainer.data.features import ItemTable, UserTable
 
 logger = logging.getLogger(__name__)
 
