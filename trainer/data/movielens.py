@@ -1,9 +1,10 @@
 """MovieLens 100K and 1M (GroupLens): ``load_movielens(source, data_dir, ...)``.
 
 Each release (``RELEASES``) names its files and a reader that turns its folder into rating rows
-and side tables; ``build_dataset`` does the rest. Every rating counts as an interaction (implicit feedback; the rating value is ignored). User
-features: ``gender``, ``age`` (the ML-1M age groups; ML-100K ages are bucketed the same way)
-and ``occupation`` (names). Item features: the genres; titles from the item file (latin-1).
+and side tables; ``build_dataset`` does the rest. Every rating counts as an interaction
+(implicit feedback; the rating value is ignored). User features: ``gender``, ``age`` (the ML-1M
+age groups; ML-100K ages are bucketed the same way) and ``occupation`` (names). Item features:
+the genres; titles from the item file (latin-1).
 """
 
 from __future__ import annotations
@@ -84,8 +85,8 @@ def find_dir(data_dir: Path, files: tuple[str, ...], subdirs: tuple[str, ...], s
     found = sorted(p.name for p in data_dir.iterdir())[:20]
     raise ValueError(
         f"data_dir {data_dir} lacks {', '.join(missing)} for source={source!r}: expected "
-        f"{', '.join(files)} there (or in a subfolder {' / '.join(subdirs)}); found {found}. Point data.data_dir at the "
-        f"folder that holds them."
+        f"{', '.join(files)} there (or in a subfolder {' / '.join(subdirs)}); found {found}. "
+        f"Point data.data_dir at the folder that holds them."
     )
 
 
