@@ -115,8 +115,6 @@ def first_unique(
 class RangeSampler:
     """Base class: draws from ``[0, range_max)``; subclasses give ``draw`` and ``probability``."""
 
-    needs_updates = False
-
     def __init__(self, range_max: int) -> None:
         check_positive_int(range_max, "range_max")
         self.range_max = range_max
@@ -357,8 +355,6 @@ class LearnedUnigramSampler(_TableSampler):
     up to a total of 2**31 - 1 as in TensorFlow. Unlike TensorFlow's, the counts are state you
     can save and restore with :meth:`state_dict` / :meth:`load_state_dict`.
     """
-
-    needs_updates = True
 
     def __init__(self, range_max: int) -> None:
         super().__init__(range_max)

@@ -73,11 +73,6 @@ def as_shards(params: Params, name: str = "params") -> list[torch.Tensor]:
     return shards
 
 
-def num_rows(params: Params) -> int:
-    """Total rows over all shards."""
-    return sum(s.shape[0] for s in as_shards(params))
-
-
 def embedding_lookup(
     params: Params,
     ids: torch.Tensor,

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +62,11 @@ def write(path: Path, rows=ROWS, header=HEADER) -> Path:
     return path
 
 
+def raw(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
 def cfg_for(path: Path, **kw) -> DataConfig:
     return DataConfig(
         source="interactions",
@@ -67,6 +75,17 @@ def cfg_for(path: Path, **kw) -> DataConfig:
         item_feature_cols=kw.pop("item_feature_cols", ["genres"]),
         **kw,
     )
+
+
+def load_file(path: Path, **kw):
+    return load_dataset(DataConfig(source="interactions", path=path, **kw))
+
+
+def load_error(path: Path, match: str, **kw) -> str:
+    """The message of the ValueError (matching ``match``) that loading ``path`` raises."""
+    with pytest.raises(ValueError, match=match) as err:
+        load_file(path, **kw)
+    return str(err.value)
 
 
 @pytest.fixture(params=[".csv", ".tsv", ".parquet"])
@@ -170,7 +189,7 @@ def test_history_batch_rejects_bad_positions(tiny):
 def test_string_ids(tmp_path):
     rows = [("alice", "x", 1), ("alice", "y", 2), ("bob", "y", 1), ("bob", "10", 3)]
     path = write(tmp_path / "s.csv", rows, HEADER[:3])
-    ds = load_dataset(DataConfig(source="interactions", path=path))
+    ds = load_file(path)
     assert ds.items.original_ids.dtype == object and ds.users.dtype == object
     assert list(ds.users) == ["alice", "bob"]
     # no training targets: order by total count (y: 2), then id as text ("10" < "x")
@@ -181,7 +200,7 @@ def test_string_ids(tmp_path):
 def test_time_col_none_uses_file_order(tmp_path):
     rows = [(1, 5, 9), (1, 6, 1), (1, 7, 5)]
     path = write(tmp_path / "f.csv", rows, HEADER[:3])
-    ds = load_dataset(DataConfig(source="interactions", path=path, time_col=None))
+    ds = load_file(path, time_col=None)
     np.testing.assert_array_equal(ds.items.original_ids[ds.seq.items], [5, 6, 7])
 
 
@@ -206,11 +225,9 @@ def test_drop_short_users(tmp_path, caplog):
 
 def test_missing_column_lists_found_columns(tmp_path):
     for suffix in (".csv", ".parquet"):
-        path = write(tmp_path / f"m{suffix}")
-        with pytest.raises(ValueError, match="missing column") as err:
-            load_dataset(DataConfig(source="interactions", path=path, item_col="movie"))
-        assert "'movie'" in str(err.value) and "'item_id'" in str(err.value)
-        assert "'timestamp'" in str(err.value)
+        msg = load_error(write(tmp_path / f"m{suffix}"), "missing column", item_col="movie")
+        assert "'movie'" in msg and "'item_id'" in msg
+        assert "'timestamp'" in msg
 
 
 def test_non_numeric_timestamp_names_the_line(tmp_path):
@@ -224,44 +241,27 @@ def test_non_numeric_timestamp_names_the_line(tmp_path):
 
 def test_fractional_timestamps_are_floored(tmp_path):
     rows = [(1, 5, "1.5"), (1, 6, "2e0"), (1, 7, "0.2")]
-    ds = load_dataset(
-        DataConfig(source="interactions", path=write(tmp_path / "f.csv", rows, HEADER[:3]))
-    )
+    ds = load_file(write(tmp_path / "f.csv", rows, HEADER[:3]))
     np.testing.assert_array_equal(ds.seq.timestamps, [0, 1, 2])
 
 
 def test_wrong_field_count_names_the_line(tmp_path):
-    path = tmp_path / "bad.csv"
-    path.write_text("user_id,item_id,timestamp\n1,2,3\n1,3\n1,4,5\n")
-    with pytest.raises(ValueError, match="line 3"):
-        load_dataset(DataConfig(source="interactions", path=path))
+    load_error(
+        raw(tmp_path / "bad.csv", "user_id,item_id,timestamp\n1,2,3\n1,3\n1,4,5\n"), "line 3"
+    )
 
 
 def test_empty_files(tmp_path):
-    empty = tmp_path / "empty.csv"
-    empty.write_bytes(b"")
-    with pytest.raises(ValueError, match="empty") as err:
-        load_dataset(DataConfig(source="interactions", path=empty))
-    assert str(empty) in str(err.value)
-    header_only = tmp_path / "header.tsv"
-    header_only.write_text("user_id\titem_id\ttimestamp\n")
-    with pytest.raises(ValueError, match="no data rows"):
-        load_dataset(DataConfig(source="interactions", path=header_only))
-    path = write(tmp_path / "empty.parquet", [], HEADER)
-    with pytest.raises(ValueError, match="no rows"):
-        load_dataset(DataConfig(source="interactions", path=path))
+    empty = raw(tmp_path / "empty.csv", "")
+    assert str(empty) in load_error(empty, "empty")
+    load_error(raw(tmp_path / "header.tsv", "user_id\titem_id\ttimestamp\n"), "no data rows")
+    load_error(write(tmp_path / "empty.parquet", [], HEADER), "no rows")
 
 
 def test_unreadable_parquet_and_unknown_suffix(tmp_path):
-    bad = tmp_path / "bad.parquet"
-    bad.write_bytes(b"this is not parquet")
-    with pytest.raises(ValueError, match="cannot read as parquet") as err:
-        load_dataset(DataConfig(source="interactions", path=bad))
-    assert str(bad) in str(err.value)
-    odd = tmp_path / "data.json"
-    odd.write_text("{}")
-    with pytest.raises(ValueError, match=r"\.csv, \.tsv"):
-        load_dataset(DataConfig(source="interactions", path=odd))
+    bad = raw(tmp_path / "bad.parquet", "this is not parquet")
+    assert str(bad) in load_error(bad, "cannot read as parquet")
+    load_error(raw(tmp_path / "data.json", "{}"), r"\.csv, \.tsv")
 
 
 def test_config_errors(tmp_path):
@@ -284,7 +284,12 @@ def test_fingerprint_tracks_bytes_and_config_not_location(tmp_path):
     (tmp_path / "sub").mkdir()
     b = write(tmp_path / "sub" / "a.csv")
     fa = load_dataset(cfg_for(a)).fingerprint
-    assert len(fa) == 64 and int(fa, 16) >= 0
+    assert re.fullmatch("[0-9a-f]{64}", fa)
+    # sha256 of a version tag, the config without its paths, then each file's name and bytes
+    settings = cfg_for(a).model_dump(mode="json", exclude={"data_dir", "path", "synthetic"})
+    config = json.dumps(settings, sort_keys=True).encode()
+    digest = hashlib.sha256(b"shardrec-data-v1\0" + config + b"\0a.csv\0" + a.read_bytes())
+    assert fa == digest.hexdigest()
     assert load_dataset(cfg_for(b)).fingerprint == fa
     assert load_dataset(cfg_for(a, max_history=7)).fingerprint != fa
     b.write_text(b.read_text().replace("200", "201"))
@@ -295,8 +300,7 @@ def test_several_item_feature_columns_are_prefixed(tmp_path):
     header = ("user_id", "item_id", "timestamp", "genres", "lang")
     rows = [(1, 5, 1, "a|b", "en"), (1, 6, 2, "b", "fr"), (1, 7, 3, "", "en")]
     path = write(tmp_path / "f.csv", rows, header)
-    cfg = DataConfig(source="interactions", path=path, item_feature_cols=["genres", "lang"])
-    ds = load_dataset(cfg)
+    ds = load_file(path, item_feature_cols=["genres", "lang"])
     assert ds.items.feature_vocab == ["genres:a", "genres:b", "lang:en", "lang:fr"]
     row = ds.items.features[ds.items.lookup([5])[0]]
     assert [ds.items.feature_vocab[t] for t in row if t >= 0] == ["genres:a", "genres:b", "lang:en"]

@@ -22,10 +22,11 @@ class SyntheticConfig(BaseModel):
     For every event the generator draws ``candidate_pool`` items by (Zipf) popularity and the
     user picks one of them with probability ``softmax(taste . item / temperature)``; the taste
     then moves towards the chosen item by ``drift``. Items among the user's last
-    ``repeat_window`` picks are left out of the pool (0 allows immediate repeats). Sequence lengths are
-    ``min_sequence_length`` plus a geometric number with mean
+    ``repeat_window`` picks are left out of the pool (0 allows immediate repeats). Sequence
+    lengths are ``min_sequence_length`` plus a geometric number with mean
     ``mean_sequence_length - min_sequence_length``, capped at ``max_sequence_length``.
-    Cost is O(events * candidate_pool * (dim + repeat_window)) time and O(num_items * dim + events) memory.
+    Cost is O(events * candidate_pool * (dim + repeat_window)) time and
+    O(num_items * dim + events) memory.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -126,6 +127,10 @@ class DataConfig(BaseModel):
                 f"item_feature_cols={self.item_feature_cols}; remove them (MovieLens and "
                 f"synthetic data come with their own features)."
             )
+        return self
+
+    @model_validator(mode="after")
+    def _check_distinct_columns(self) -> DataConfig:
         cols = [self.user_col, self.item_col, self.time_col]
         cols = [c for c in cols if c is not None]
         clash = set(cols) & (set(self.user_feature_cols) | set(self.item_feature_cols))

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
+from trainer.data.build import build_dataset
 from trainer.data.config import DataConfig
-from trainer.data.dataset import Dataset, build_dataset
+from trainer.data.dataset import Dataset
 from trainer.data.readers import read_table, to_ids, to_strings, to_timestamps
 
 logger = logging.getLogger(__name__)

@@ -11,13 +11,7 @@ from pathlib import Path
 from trainer.data.config import DataConfig
 from trainer.data.dataset import Dataset
 from trainer.data.interactions import load_interactions
-from trainer.data.movielens import (
-    ML1M_FILES,
-    ML100K_FILES,
-    find_dir,
-    load_movielens_1m,
-    load_movielens_100k,
-)
+from trainer.data.movielens import RELEASES, load_movielens, release_files
 from trainer.data.synthetic import load_synthetic
 
 logger = logging.getLogger(__name__)
@@ -49,16 +43,12 @@ def load_dataset(cfg: DataConfig) -> Dataset:
     common = {"max_history": cfg.max_history, "drop_short_users": cfg.drop_short_users}
     if cfg.source == "synthetic":
         ds = load_synthetic(cfg.synthetic, fingerprint=fingerprint(cfg, []), **common)
-    elif cfg.source == "movielens-100k":
+    elif cfg.source in RELEASES:
         assert cfg.data_dir is not None
-        d = find_dir(cfg.data_dir, ML100K_FILES, ("ml-100k",), cfg.source)
-        fp = fingerprint(cfg, [d / f for f in ML100K_FILES])
-        ds = load_movielens_100k(d, fingerprint=fp, **common)
-    elif cfg.source == "movielens-1m":
-        assert cfg.data_dir is not None
-        d = find_dir(cfg.data_dir, ML1M_FILES, ("ml-1m", "ml-1m-partial"), cfg.source)
-        fp = fingerprint(cfg, [d / f for f in ML1M_FILES])
-        ds = load_movielens_1m(d, fingerprint=fp, **common)
+        files = release_files(cfg.source, cfg.data_dir)
+        ds = load_movielens(
+            cfg.source, files[0].parent, fingerprint=fingerprint(cfg, files), **common
+        )
     else:
         assert cfg.path is not None
         path = Path(cfg.path).expanduser()

@@ -19,8 +19,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from trainer.data.build import build_dataset
 from trainer.data.config import SyntheticConfig
-from trainer.data.dataset import Dataset, ItemTable, UserTable, build_dataset
+from trainer.data.dataset import Dataset
+from trainer.data.features import ItemTable, UserTable
 
 logger = logging.getLogger(__name__)
 
@@ -80,100 +82,142 @@ def zipf_ranks(rng: np.random.Generator, n: int, exponent: float, size: tuple[in
 def generate(cfg: SyntheticConfig) -> SyntheticData:
     """Generate interactions for ``cfg`` (deterministic for ``cfg.seed``)."""
     rng = np.random.default_rng(cfg.seed)
-    n_items, n_users, dim = cfg.num_items, cfg.num_users, cfg.dim
-
-    item_vec = _unit(rng.standard_normal((n_items, dim), dtype=np.float32))
-    by_rank = rng.permutation(n_items)  # item at popularity rank r
-    popularity_rank = np.empty(n_items, dtype=np.int64)
-    popularity_rank[by_rank] = np.arange(n_items)
-    taste = _unit(rng.standard_normal((n_users, dim), dtype=np.float32))
+    item_vec = _unit(rng.standard_normal((cfg.num_items, cfg.dim), dtype=np.float32))
+    by_rank = rng.permutation(cfg.num_items)  # item at popularity rank r
+    popularity_rank = np.empty(cfg.num_items, dtype=np.int64)
+    popularity_rank[by_rank] = np.arange(cfg.num_items)
+    taste = _unit(rng.standard_normal((cfg.num_users, cfg.dim), dtype=np.float32))
     initial_taste = taste.copy()
-
-    extra = cfg.mean_sequence_length - cfg.min_sequence_length
-    lengths = cfg.min_sequence_length + rng.geometric(1.0 / (extra + 1.0), n_users) - 1
-    lengths = np.minimum(lengths, cfg.max_sequence_length).astype(np.int64)
-    offsets = np.zeros(n_users + 1, dtype=np.int64)
+    lengths = _sequence_lengths(rng, cfg)
+    offsets = np.zeros(cfg.num_users + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
-    events = int(offsets[-1])
-    out_items = np.empty(events, dtype=np.int64)
+    picks = _pick_items(rng, cfg, item_vec, by_rank, taste, lengths, offsets)
+    timestamps = _timestamps(rng, cfg, lengths, offsets)
+    user_ids = np.arange(1, cfg.num_users + 1, dtype=np.int64)
+    return SyntheticData(
+        user_ids=np.repeat(user_ids, lengths),
+        item_ids=picks + 1,
+        timestamps=timestamps,
+        item_vectors=item_vec,
+        user_tastes=initial_taste,
+        popularity_rank=popularity_rank,
+        item_table=_item_genres(rng, cfg, item_vec),
+        user_table=_user_attributes(rng, cfg, initial_taste, user_ids),
+    )
 
+
+def _sequence_lengths(rng: np.random.Generator, cfg: SyntheticConfig) -> np.ndarray:
+    """int64 ``[num_users]``: ``min_sequence_length`` plus a geometric number, capped."""
+    extra = cfg.mean_sequence_length - cfg.min_sequence_length
+    lengths = cfg.min_sequence_length + rng.geometric(1.0 / (extra + 1.0), cfg.num_users) - 1
+    return np.minimum(lengths, cfg.max_sequence_length).astype(np.int64)
+
+
+def _pick_items(
+    rng: np.random.Generator,
+    cfg: SyntheticConfig,
+    item_vec: np.ndarray,
+    by_rank: np.ndarray,
+    taste: np.ndarray,
+    lengths: np.ndarray,
+    offsets: np.ndarray,
+) -> np.ndarray:
+    """int64 ``[events]`` 0-based items: event ``t`` of user ``u`` at ``offsets[u] + t``.
+
+    Steps through sequence positions; at each, the users still running (in blocks) choose
+    (``_choose``) and their ``taste`` (float32 ``[num_users, dim]``, updated in place) drifts
+    towards the chosen items.
+    """
+    out = np.empty(int(offsets[-1]), dtype=np.int64)
     by_length = np.argsort(-lengths, kind="stable")
     sorted_lengths = lengths[by_length]
-    pool = cfg.candidate_pool
     window = min(cfg.repeat_window, int(lengths.max()) - 1)
-    block = max(1, (1 << 22) // (pool * (dim + window)))
-    inv_temp = np.float32(1.0 / cfg.temperature)
-    recent = np.full((n_users, max(window, 1)), -1, dtype=np.int64)  # ring buffer of picks
+    block = max(1, (1 << 22) // (cfg.candidate_pool * (cfg.dim + window)))
+    recent = np.full((cfg.num_users, max(window, 1)), -1, dtype=np.int64)  # ring buffer of picks
     for t in range(int(lengths.max())):
         n_active = int(np.searchsorted(-sorted_lengths, -t, side="left"))
         for lo in range(0, n_active, block):
             users = by_length[lo : min(lo + block, n_active)]
-            b = len(users)
-            cand = by_rank[zipf_ranks(rng, n_items, cfg.zipf_exponent, (b, pool))]  # [b, pool]
             u = taste[users]  # [b, dim]
-            logits = np.einsum("bd,bpd->bp", u, item_vec[cand]) * inv_temp
-            probs = np.exp(logits - logits.max(axis=1, keepdims=True))
-            pick = _categorical(rng, probs)
-            chosen = cand[np.arange(b), pick]
-            if window:
-                # Rejection: a repeat of a recent pick is removed from the pool and the user
-                # picks again (the same law as masking the recent items up front, but only
-                # the chosen item is compared with the window).
-                rec = recent[users]  # [b, window]
-                rows = np.arange(b)
-                for _ in range(pool - 1):
-                    rep = (rec[rows] == chosen[rows, None]).any(axis=1)
-                    rows = rows[rep]
-                    if not len(rows):
-                        break
-                    probs[rows, pick[rows]] = 0.0
-                    pick[rows] = _categorical(rng, probs[rows])
-                    chosen[rows] = cand[rows, pick[rows]]
-            out_items[offsets[users] + t] = chosen
+            chosen = _choose(rng, cfg, item_vec, by_rank, u, recent[users] if window else None)
+            out[offsets[users] + t] = chosen
             if window:
                 recent[users, t % window] = chosen
             if cfg.drift > 0:
                 taste[users] = _unit((1.0 - cfg.drift) * u + cfg.drift * item_vec[chosen])
+    return out
 
-    starts = cfg.start_timestamp + rng.random(n_users) * cfg.start_spread_seconds
-    gaps = rng.exponential(cfg.mean_gap_seconds, events)
-    csum = np.cumsum(gaps)
+
+def _choose(
+    rng: np.random.Generator,
+    cfg: SyntheticConfig,
+    item_vec: np.ndarray,
+    by_rank: np.ndarray,
+    u: np.ndarray,
+    recent: np.ndarray | None,
+) -> np.ndarray:
+    """int64 ``[b]``: per taste ``u [b, dim]``, ``candidate_pool`` items drawn by popularity and
+    one picked by ``softmax(taste . item / temperature)``, never one of its ``recent [b, w]``."""
+    b, pool = len(u), cfg.candidate_pool
+    cand = by_rank[zipf_ranks(rng, cfg.num_items, cfg.zipf_exponent, (b, pool))]  # [b, pool]
+    logits = np.einsum("bd,bpd->bp", u, item_vec[cand]) * np.float32(1.0 / cfg.temperature)
+    probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+    pick = _categorical(rng, probs)
+    chosen = cand[np.arange(b), pick]
+    if recent is None:
+        return chosen
+    # Rejection: a repeat of a recent pick is removed from the pool and the user picks again
+    # (the same law as masking the recent items up front, but only the chosen item is
+    # compared with the window).
+    rows = np.arange(b)
+    for _ in range(pool - 1):
+        rows = rows[(recent[rows] == chosen[rows, None]).any(axis=1)]
+        if not len(rows):
+            break
+        probs[rows, pick[rows]] = 0.0
+        pick[rows] = _categorical(rng, probs[rows])
+        chosen[rows] = cand[rows, pick[rows]]
+    return chosen
+
+
+def _timestamps(
+    rng: np.random.Generator, cfg: SyntheticConfig, lengths: np.ndarray, offsets: np.ndarray
+) -> np.ndarray:
+    """int64 ``[events]`` seconds: a uniform start per user, then exponential gaps."""
+    starts = cfg.start_timestamp + rng.random(cfg.num_users) * cfg.start_spread_seconds
+    csum = np.cumsum(rng.exponential(cfg.mean_gap_seconds, int(offsets[-1])))
     before = np.concatenate([[0.0], csum])[offsets[:-1]]
-    times = np.repeat(starts - before, lengths) + csum
-    timestamps = np.floor(times).astype(np.int64)
+    return np.floor(np.repeat(starts - before, lengths) + csum).astype(np.int64)
 
-    # Side information: genres from item-vector prototypes, segments from taste prototypes.
-    genre_protos = _unit(rng.standard_normal((cfg.num_genres, dim), dtype=np.float32))
-    codes = np.full((n_items, 2), -1, dtype=np.int64)
-    for lo in range(0, n_items, 1 << 18):
-        sims = item_vec[lo : lo + (1 << 18)] @ genre_protos.T  # [chunk, num_genres]
+
+def _item_genres(rng: np.random.Generator, cfg: SyntheticConfig, item_vec: np.ndarray) -> ItemTable:
+    """Each item's nearest genre prototype, and its second nearest for 30% of the items."""
+    protos = _unit(rng.standard_normal((cfg.num_genres, cfg.dim), dtype=np.float32))
+    codes = np.full((cfg.num_items, 2), -1, dtype=np.int64)
+    for lo in range(0, cfg.num_items, 1 << 18):
+        sims = item_vec[lo : lo + (1 << 18)] @ protos.T  # [chunk, num_genres]
         top2 = np.argsort(-sims, axis=1)[:, :2]
         codes[lo : lo + len(sims), 0] = top2[:, 0]
         if cfg.num_genres > 1:
             second = rng.random(len(sims)) < 0.3
             codes[lo : lo + len(sims), 1] = np.where(second, top2[:, 1], -1)
-    genre_names = [f"genre_{g:02d}" for g in range(cfg.num_genres)]
-    seg_protos = _unit(rng.standard_normal((cfg.num_segments, dim), dtype=np.float32))
-    segment = np.argmax(initial_taste @ seg_protos.T, axis=1)
-    seg_names = np.array([f"segment_{s:02d}" for s in range(cfg.num_segments)])
-    age = np.array(AGE_GROUPS)[rng.integers(0, len(AGE_GROUPS), n_users)]
+    names = [f"genre_{g:02d}" for g in range(cfg.num_genres)]
+    keys = np.arange(1, cfg.num_items + 1, dtype=np.int64)
+    return ItemTable(keys=keys, codes=codes, vocab=names)
 
-    user_ids = np.arange(1, n_users + 1, dtype=np.int64)
-    return SyntheticData(
-        user_ids=np.repeat(user_ids, lengths),
-        item_ids=out_items + 1,
-        timestamps=timestamps,
-        item_vectors=item_vec,
-        user_tastes=initial_taste,
-        popularity_rank=popularity_rank,
-        item_table=ItemTable(
-            keys=np.arange(1, n_items + 1, dtype=np.int64), codes=codes, vocab=genre_names
-        ),
-        user_table=UserTable(
-            keys=user_ids,
-            columns={"segment": seg_names[segment], "age": age},
-            vocab_order={"segment": seg_names.tolist(), "age": AGE_GROUPS},
-        ),
+
+def _user_attributes(
+    rng: np.random.Generator, cfg: SyntheticConfig, taste: np.ndarray, user_ids: np.ndarray
+) -> UserTable:
+    """``segment``: the nearest segment prototype of the initial taste; ``age``: uniform."""
+    protos = _unit(rng.standard_normal((cfg.num_segments, cfg.dim), dtype=np.float32))
+    segment = np.argmax(taste @ protos.T, axis=1)
+    names = np.array([f"segment_{s:02d}" for s in range(cfg.num_segments)])
+    age = np.array(AGE_GROUPS)[rng.integers(0, len(AGE_GROUPS), cfg.num_users)]
+    return UserTable(
+        keys=user_ids,
+        columns={"segment": names[segment], "age": age},
+        vocab_order={"segment": names.tolist(), "age": AGE_GROUPS},
     )
 
 
