@@ -468,12 +468,14 @@ def test_every_copied_path_is_in_the_context(context):
         assert (REPO / src).exists(), src
         assert src.strip("/") in context, f"COPY {src}: not in the build context"
     # Every project file the repository tracks in a copied package reaches the image.
-    tracked = subprocess.run(
+    listed = subprocess.run(
         ["git", "ls-files", "sampler", "trainer", "service", "configs"],
         cwd=REPO,
         capture_output=True,
         text=True,
-        check=True,
-    ).stdout.split()
+    )
+    if listed.returncode != 0:
+        pytest.skip(f"not a git checkout: {listed.stderr.strip()}")
+    tracked = listed.stdout.split()
     assert tracked
     assert not set(tracked) - context, sorted(set(tracked) - context)
