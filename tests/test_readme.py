@@ -1,8 +1,8 @@
-"""Every command of README.md's ```bash blocks, run for real (or, for two, checked as written).
+"""Every command of README.md's ```bash blocks, run for real.
 
-The README's commands are parsed out of it, classified by `KINDS` (a table of regexes), and
-each kind has a test below that runs the command as written, with only what a test needs
-substituted:
+The README's commands are parsed out of it and classified by `KINDS` (a table of regexes); a
+command of no kind fails `test_every_readme_command_is_classified`. Each kind has a test below
+that runs the command as written, with only what a test needs substituted:
 
 * ``python`` / ``ray`` are this virtual environment's (the job's ``python`` is found on a
   ``PATH`` that starts with it);
@@ -14,29 +14,24 @@ substituted:
   the data;
 * ports: ``serve --port 8000``, the curls' ``localhost:8000`` and the Ray head's ports become
   free ports on 127.0.0.1; curl also gets ``-w`` to report the status code;
-* ``docker compose ... up --build -d`` becomes ``docker compose ... config --quiet`` (no
-  Docker engine on CI), skipped when no Compose v2.24+ is installed;
-* ``make test`` is what CI runs, so it is not run again here: ``make -n test`` must run ruff and
-  pytest; ``make demo`` must expand to ``python -m service.demo`` (``make -n demo``), which
-  tests/deployment/test_demo_client.py exercises.
+* ``docker compose ... up --build -d`` becomes ``docker compose ... config --quiet`` with the
+  Compose binary of tests/deployment/compose.py (no Docker engine on CI).
 
-Every process started here runs in its own session and is killed with its group (and, for Ray,
-every process naming its private temp dir) when its test or module ends.
+The two ``make`` lines are classified but not run here (`KINDS` says why). The README's ``ray
+job submit`` is the suite's one real job submission to a ``ray start --head`` cluster. Every
+process runs in its own session and is stopped by pid (tests/procs.py).
 """
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import os
 import re
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -45,23 +40,17 @@ import httpx
 import pytest
 import yaml
 
+from tests import procs
 from tests.deployment import compose
-from tests.deployment.procs import (
-    Proc,
-    free_ports,
-    group_members,
-    kill_all,
-    pids_naming,
-    wait_for_ray_dashboard,
-)
 from tests.service.live import wait_ready
 from tests.tiny import TINY_RUN
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="needs /proc")
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = procs.REPO
 README = REPO / "README.md"
-BIN = Path(sys.executable).parent
+BIN = procs.BIN
+HEAD_CPUS = 2  # of the Ray head the README's job is submitted to
 
 TINY = TINY_RUN  # the tiny synthetic run of the other end-to-end tests
 TINY_REAL_DATA = ["epochs=1", "progress=false", "num_threads=1"]  # MovieLens: its own size
@@ -69,8 +58,8 @@ TINY_REAL_DATA = ["epochs=1", "progress=false", "num_threads=1"]  # MovieLens: i
 # Every command line of the README's bash blocks matches exactly one of these (`shlex.join`
 # of the line without its comment). A new command: add a kind here and a test below.
 KINDS: dict[str, str] = {
-    "make-test": r"make test",
-    "make-demo": r"make demo",
+    "make-test": r"make test",  # not run here: it is what CI runs, this file included
+    "make-demo": r"make demo",  # not run here: tests/deployment/test_demo_client.py runs its client
     "train": r"python -m trainer train( .*)?",
     "evaluate": r"python -m trainer evaluate --artifacts \S+",
     "ray-job-submit": r"ray job submit .* -- python -m trainer train .*",
@@ -216,23 +205,6 @@ def base_env() -> dict[str, str]:
     return env
 
 
-def reap(popen: subprocess.Popen, sweep: str | None, grace: float = 20.0) -> None:
-    """Ends ``popen`` (SIGTERM to its group, then SIGKILL) and whatever is left of its group
-    and of the processes naming ``sweep``."""
-    if popen.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(popen.pid, signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            popen.wait(timeout=grace)
-    left = set(group_members(popen.pid))
-    if sweep:
-        left |= set(pids_naming(sweep))
-    kill_all(sorted(left))
-    if popen.poll() is None:
-        popen.kill()
-    popen.wait(timeout=10)
-
-
 def run(
     argv: list[str],
     logs: Path,
@@ -241,39 +213,10 @@ def run(
     env: dict[str, str] | None = None,
     sweep: str | None = None,
 ) -> Result:
-    """``argv`` in the checkout, in its own session, to completion (killed at ``timeout``)."""
-    logs.mkdir(parents=True, exist_ok=True)
-    out_path, err_path = logs / f"{name}.out", logs / f"{name}.err"
-    with out_path.open("wb") as out, err_path.open("wb") as err:
-        popen = subprocess.Popen(
-            argv,
-            cwd=REPO,
-            env=env or base_env(),
-            stdout=out,
-            stderr=err,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-    code = None
-    try:
-        code = popen.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        pass
-    finally:
-        reap(popen, sweep)
-    return Result(
-        argv,
-        code,
-        out_path.read_text(errors="replace"),
-        err_path.read_text(errors="replace"),
-    )
-
-
-def short_temp_dir(request, prefix: str) -> str:
-    """A private directory for Ray (short: its socket paths must fit 107 bytes)."""
-    path = tempfile.mkdtemp(prefix=prefix, dir="/tmp")
-    request.addfinalizer(lambda: shutil.rmtree(path, ignore_errors=True))
-    return path
+    """``argv`` in the checkout, in its own session, to completion (stopped at ``timeout``)."""
+    out, err = logs / f"{name}.out", logs / f"{name}.err"
+    code = procs.run(argv, out, timeout, env=env or base_env(), err_log=err, sweep=sweep)
+    return Result(argv, code, out.read_text(errors="replace"), err.read_text(errors="replace"))
 
 
 # --- training lines --------------------------------------------------------------------------
@@ -315,7 +258,7 @@ class Runs:
         env, sweep = base_env(), None
         if flag(command.argv, "--num-shards") or flag(command.argv, "--num-workers"):
             # The embedded Ray's processes under a private temp dir, to sweep them at the end.
-            sweep = tempfile.mkdtemp(prefix="srrm-", dir="/tmp")
+            sweep = procs.short_temp_dir("srrm-")
             env["RAY_TMPDIR"] = sweep
             env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
         try:
@@ -376,54 +319,17 @@ def check_trained(result: Result, run_dir: Path, readme_args) -> dict:
 
 
 # --- the classification ----------------------------------------------------------------------
-def test_the_readme_has_bash_commands():
-    assert len(COMMANDS) >= 10, COMMANDS
-
-
-@pytest.mark.parametrize("command", [pytest.param(c, id=c.id) for c in COMMANDS])
-def test_every_readme_command_is_classified(command):
-    kinds = kinds_of(command)
-    assert len(kinds) == 1, (
-        f"{command.id}: `{command.line}` matches {kinds or 'no kind'} of KINDS: "
-        "add it to tests/test_readme.py (a regex in KINDS and a test that runs it)"
+def test_every_readme_command_is_classified():
+    assert COMMANDS, "no command found in README.md's ```bash blocks"
+    unclassified = [
+        f"{c.id}: `{c.line}` matches {kinds_of(c) or 'no kind'}"
+        for c in COMMANDS
+        if len(kinds_of(c)) != 1
+    ]
+    assert not unclassified, (
+        "README commands of no kind, or of several: add each to tests/test_readme.py (a regex "
+        "in KINDS and a test that runs it):\n" + "\n".join(unclassified)
     )
-
-
-def test_every_kind_still_has_a_readme_command():
-    unused = [kind for kind in KINDS if not commands_of(kind)]
-    assert not unused, f"no README command is {unused} any more: remove them from KINDS"
-
-
-# --- make --------------------------------------------------------------------------------------
-def make_dry_run(target: str) -> str:
-    if shutil.which("make") is None:
-        pytest.skip("make is not installed")
-    done = subprocess.run(
-        ["make", "-n", target],
-        cwd=REPO,
-        env=base_env(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-    return done.stdout
-
-
-@pytest.mark.parametrize("command", params("make-test"))
-def test_make_test_runs_ruff_and_pytest(command):
-    """CI runs ``make test`` itself (this file included): only its recipe is checked here."""
-    recipe = make_dry_run(command.argv[1])
-    assert re.search(r"\bruff check\b", recipe), recipe
-    assert re.search(r"\bruff format --check\b.*\btests\b", recipe), recipe
-    assert re.search(r"\bpython -m pytest\b", recipe), recipe
-
-
-@pytest.mark.parametrize("command", params("make-demo"))
-def test_make_demo_runs_the_demo_module(command):
-    """The demo itself is exercised by tests/deployment/test_demo_client.py."""
-    recipe = make_dry_run(command.argv[1])
-    assert re.search(r"(^|/)python3? -m service\.demo *$", recipe, re.M), recipe
 
 
 # --- training --------------------------------------------------------------------------------
@@ -442,67 +348,48 @@ def test_train(command, runs):
     check_trained(result, run_dir, command.argv[4:])
 
 
-@pytest.mark.parametrize("command", params("evaluate"))
-def test_evaluate_recomputes_the_train_table(command, runs):
-    readme_artifacts = flag(command.argv, "--artifacts")
-    artifacts = runs.artifacts(readme_artifacts)
-    argv = [sys.executable, *with_flag(command.argv[1:], "--artifacts", str(artifacts))]
-    result = run(argv, runs.logs, f"evaluate-{command.lineno}", timeout=240)
+def check_evaluates(argv: list[str], trained: Result, logs: Path, name: str) -> None:
+    """``argv``, a ``trainer evaluate``, reads the artifacts and prints the table that training
+    printed (``trained``)."""
+    result = run(argv, logs, name, timeout=240)
     assert result.returncode == 0, result.explain()
-    table = TABLE.findall(result.stdout)
-    assert table, result.explain()
-    trained = next(r for r, d in runs.done.values() if d / "artifacts" == artifacts)
+    assert TABLE.search(result.stdout), result.explain()
     train_rows = sorted(set(m.group(0) for m in TABLE.finditer(trained.stdout)))
     eval_rows = sorted(set(m.group(0) for m in TABLE.finditer(result.stdout)))
     assert eval_rows == train_rows, (eval_rows, train_rows)
 
 
+@pytest.mark.parametrize("command", params("evaluate"))
+def test_evaluate_recomputes_the_train_table(command, runs):
+    artifacts = runs.artifacts(flag(command.argv, "--artifacts"))
+    argv = [sys.executable, *with_flag(command.argv[1:], "--artifacts", str(artifacts))]
+    trained = next(r for r, d in runs.done.values() if d / "artifacts" == artifacts)
+    check_evaluates(argv, trained, runs.logs, f"evaluate-{command.lineno}")
+
+
 # --- Ray ---------------------------------------------------------------------------------------
 @pytest.fixture
-def ray_head(request):
-    """The README's ``ray start --head --port P --dashboard-port D`` with free ports, kept on
-    127.0.0.1 with its own temp dir and 2 CPUs; yields (dashboard address, README's head)."""
+def ray_head():
+    """The README's ``ray start --head ...`` (its ports made free ones), on 127.0.0.1 with
+    its own temp dir and `HEAD_CPUS` CPUs; yields (the head, the README's head line)."""
     pytest.importorskip("ray")
     readme_head = prose_head() or ["ray", "start", "--head", "--port", "6379"]
-    temp_dir = short_temp_dir(request, "srrh-")
-    gcs, dash, client, agent, agent_grpc, env_agent, metrics = free_ports(7)
-    argv = [str(BIN / "ray"), *readme_head[1:]]
-    argv = with_flag(argv, "--port", str(gcs))
-    argv = with_flag(argv, "--dashboard-port", str(dash))
-    argv += [
-        "--block",
-        "--node-ip-address=127.0.0.1",
-        "--dashboard-host=127.0.0.1",
-        "--include-dashboard=true",
-        f"--ray-client-server-port={client}",
-        f"--dashboard-agent-listen-port={agent}",
-        f"--dashboard-agent-grpc-port={agent_grpc}",
-        f"--runtime-env-agent-port={env_agent}",
-        f"--metrics-export-port={metrics}",
-        "--num-cpus=2",
-        "--num-gpus=0",
-        f"--temp-dir={temp_dir}",
-        "--disable-usage-stats",
-    ]
-    env = ray_env()
-    proc = Proc("ray-head", argv, env, Path(temp_dir), Path(temp_dir) / "head.log", temp_dir, 40)
-    request.addfinalizer(proc.stop)
-    address = f"http://127.0.0.1:{dash}"
-    wait_for_ray_dashboard(address, proc.poll, proc.output)
-    return address, readme_head
+    head = procs.RayHead(readme_head, env=base_env(), cpus=HEAD_CPUS)
+    try:
+        yield head.wait_ready(), readme_head
+    finally:
+        head.stop()
 
 
-def ray_env() -> dict[str, str]:
-    env = base_env()
-    env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # every Ray process on 127.0.0.1
-    env["RAY_AUTH_MODE"] = "disabled"  # a throwaway loopback-only head
-    return env
+PLAN = re.compile(r"(\d+) shards x ([\d.]+) CPUs, (\d+) workers x ([\d.]+) CPUs")
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("command", params("ray-job-submit"))
 def test_ray_job_submit(command, ray_head, runs):
-    address, readme_head = ray_head
+    """The README's submit line against its head: the job succeeds, sized to the cluster's
+    CPUs, writes its shards, and ``trainer evaluate`` reads its artifacts."""
+    head, readme_head = ray_head
     argv = list(command.argv)
     split = argv.index("--")
     submit, job = argv[:split], argv[split + 1 :]
@@ -511,12 +398,24 @@ def test_ray_job_submit(command, ray_head, runs):
     assert m, f"--address {readme_address}: expected the head's dashboard on this machine"
     head_dash = flag(readme_head, "--dashboard-port") or "8265"
     assert m[2] == head_dash, f"the submit goes to port {m[2]}, the head's dashboard is {head_dash}"
-    submit = [str(BIN / "ray"), *with_flag(submit[1:], "--address", address)]
+    submit = [str(BIN / "ray"), *with_flag(submit[1:], "--address", head.address)]
     job, run_dir = runs.train_argv(job, "python")  # the job's python: PATH starts with ours
-    result = run([*submit, "--", *job], runs.logs, "ray-job-submit", timeout=360, env=ray_env())
+    result = run([*submit, "--", *job], runs.logs, "ray-job-submit", timeout=360, env=head.env)
     assert result.returncode == 0, result.explain()
     assert "succeeded" in result.stdout + result.stderr, result.explain()
-    check_trained(result, run_dir, argv[split + 5 :])
+    manifest = check_trained(result, run_dir, argv[split + 5 :])
+    distributed = manifest["config"]["distributed"]
+    plan = PLAN.search(result.stdout + result.stderr)
+    assert plan, result.explain()
+    shards, workers = int(plan[1]), int(plan[3])
+    assert (shards, workers) == (distributed["num_shards"], distributed["num_workers"]), plan[0]
+    used = shards * float(plan[2]) + workers * float(plan[4])
+    assert 0 < used <= HEAD_CPUS, f"{plan[0]}: the plan must fit the head's {HEAD_CPUS} CPUs"
+    assert sorted(p.name for p in (run_dir / "shards").glob("shard-*.pt")) == [
+        f"shard-{i}.pt" for i in range(shards)
+    ]
+    evaluate = [sys.executable, "-m", "trainer", "evaluate", "--artifacts"]
+    check_evaluates([*evaluate, str(run_dir / "artifacts")], result, runs.logs, "ray-job-evaluate")
 
 
 @pytest.mark.parametrize("command", params("ray-job-submit"))
@@ -555,19 +454,13 @@ def served(runs):
         assert flag(command.argv, "--artifacts") == readme_artifacts, command.line
         argv = [sys.executable, *with_flag(command.argv[1:], "--artifacts", str(artifacts))]
         index_results[command.lineno] = run(argv, runs.logs, f"index-{command.lineno}", timeout=240)
-    port = free_ports(1)[0]
+    port = procs.free_port()
     argv = with_flag(serve.argv[1:], "--artifacts", str(artifacts))
     argv = [sys.executable, *with_flag(argv, "--port", str(port))]
-    proc = Proc("serve", argv, base_env(), REPO, runs.logs / "serve.log")
     url = f"http://127.0.0.1:{port}"
-    try:
-        try:
-            wait_ready(url, timeout=120, process=proc.popen)
-        except (RuntimeError, TimeoutError) as e:
-            pytest.fail(f"{e}\n{proc.output()}")
+    with procs.Proc(argv, runs.logs / "serve.log", env=base_env(), name="serve") as proc:
+        wait_ready(url, timeout=120, proc=proc)
         yield Served(url, flag(serve.argv, "--port") or "8000", artifacts, index_results)
-    finally:
-        proc.stop()
 
 
 @pytest.mark.parametrize("command", params("service-index"))
@@ -654,15 +547,6 @@ def readme_ids() -> dict[str, set[str]]:
     return found
 
 
-def test_curl_lines_parse():
-    """Also the fallback when curl is not installed: every flag the README uses is known."""
-    for command in commands_of("curl"):
-        _, url, _, body = curl_request(command.argv)
-        assert urlsplit(url).path.startswith("/"), command.line
-        if body is not None:
-            json.loads(body)  # the README's JSON bodies are JSON
-
-
 def test_readme_ids_exist_in_the_served_artifacts(served):
     ids = readme_ids()
     assert ids["users"] and ids["items"], ids
@@ -727,17 +611,8 @@ def test_curl(command, served):
 @pytest.mark.parametrize("command", params("compose-up"))
 def test_compose_files_and_flags_are_valid(command):
     argv = list(command.argv)
-    cli, why = compose.compose_cli()  # `docker compose` first, else a v2 `docker-compose`
-    if cli is None:
-        pytest.skip(why)
     up = argv.index("up")
     assert argv[up:] == ["up", "--build", "-d"], argv
-    done = subprocess.run(
-        [*cli, *argv[2:up], "config", "--quiet"],
-        cwd=REPO,
-        env=compose.clean_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    files = [REPO / f for f in argv[2:up] if f != "-f"]
+    done = compose.compose(files, "config", "--quiet")
     assert done.returncode == 0, done.stdout + done.stderr

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from service import demo_client
-from tests.deployment.procs import pids_naming
+from tests.procs import pids_naming
 from tests.tiny import TINY_RUN
 
 pytestmark = pytest.mark.slow

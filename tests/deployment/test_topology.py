@@ -1,18 +1,23 @@
-"""The compose topology as local processes on 127.0.0.1 (no Docker needed).
+"""The compose topology as local processes on 127.0.0.1 (no Docker engine needed).
 
-The services, their commands, environments, healthchecks and ``depends_on`` conditions are read
-from docker/docker-compose.yml and run as they are, with only what a container network provides
-replaced for the loopback: service host names and ``0.0.0.0`` become 127.0.0.1, the container
-ports (``expose``) become free ports, the ``/runs`` volume becomes a temporary directory, and
-``python`` is this interpreter. Test-only additions, all through the variables docker/run.py
-documents: the Ray head gets its own ``--temp-dir``, 127.0.0.1 as its address, free ports for
-its agents and 2 CPUs; the training job gets the tiny synthetic overrides.
+The services, their commands, environments, healthchecks and ``depends_on`` conditions are what
+Docker Compose makes of docker/docker-compose.yml (``config --format json``), run as they are,
+with only what a container network provides replaced for the loopback: service host names and
+``0.0.0.0`` become 127.0.0.1, the container ports (``expose``) become free ports, the ``/runs``
+volume becomes a temporary directory, and ``python`` is this interpreter. Test-only additions,
+all through the variables docker/run.py documents: the Ray head gets its own ``--temp-dir``,
+127.0.0.1 as its address, free ports for its agents and 2 CPUs; the training job gets the tiny
+synthetic overrides.
 
 ``ray-worker`` is the one service not started: a second node must reach the head by a network
 address, and Ray keeps every process on 127.0.0.1 only when multi-node is off
 (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, which refuses ``ray start --address``). The head offers
 the CPUs instead; the worker's command line is checked in test_compose.py and its healthcheck
 is run here against the head.
+
+The trainer service is the compose file's ``ray job submit`` (docker/run.py train); what a
+submitted training job itself produces (its table, shards, plan, artifacts that ``trainer
+evaluate`` reads) is checked once, in tests/test_readme.py's run of the README's submit line.
 """
 
 from __future__ import annotations
@@ -23,8 +28,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -34,7 +37,7 @@ from typing import Any
 import pytest
 
 from tests.deployment import compose
-from tests.deployment.procs import Proc, free_ports
+from tests.procs import NotYet, Proc, free_ports, ray_node_args, short_temp_dir, wait_until
 from tests.tiny import TINY_RUN
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(sys.platform != "linux", reason="needs /proc")]
@@ -74,7 +77,7 @@ class Loopback:
         return [sys.executable, *mapped[1:]] if mapped[:1] == ["python"] else mapped
 
     def env(self, service: dict[str, Any]) -> dict[str, str]:
-        return {k: self.value(v) for k, v in compose.environment(service).items()}
+        return {k: self.value(v or "") for k, v in service.get("environment", {}).items()}
 
 
 def base_env() -> dict[str, str]:
@@ -93,16 +96,12 @@ def healthcheck(argv: list[str], env: dict[str, str]) -> subprocess.CompletedPro
 
 
 def wait_healthy(name: str, proc: Proc, argv: list[str], env: dict[str, str], limit: float):
-    deadline = time.monotonic() + limit
-    while True:
-        if proc.poll() is not None:
-            pytest.fail(f"{name} exited with {proc.poll()}:\n{proc.output()}")
+    def healthy() -> None:
         result = healthcheck(argv, env)
-        if result.returncode == 0:
-            return
-        if time.monotonic() > deadline:
-            pytest.fail(f"{name} not healthy after {limit:.0f}s: {result.stdout}\n{proc.output()}")
-        time.sleep(1)
+        if result.returncode != 0:
+            raise NotYet(result.stdout.strip() or result.stderr.strip())
+
+    wait_until(healthy, f"{name} healthy", limit, proc, interval=1.0)
 
 
 def get(url: str, body: Any = None) -> tuple[int, Any]:
@@ -119,24 +118,19 @@ def get(url: str, body: Any = None) -> tuple[int, Any]:
 def topology(request, tmp_path):
     """Starts the compose services in order; yields their configs, envs and processes."""
     pytest.importorskip("ray")
+    compose.binary()  # or skip, saying why
     cfg = compose.config()
     services = cfg["services"]
     assert set(services) == {*STARTED, *NOT_STARTED}, "a service was added: run it here too"
     runs = tmp_path / "runs"
     runs.mkdir()
     loop = Loopback(cfg, runs)
-    temp_dir = tempfile.mkdtemp(prefix="srdep-", dir="/tmp")  # short: Ray's socket paths
+    temp_dir = short_temp_dir("srdep-")
     request.addfinalizer(lambda: shutil.rmtree(temp_dir, ignore_errors=True))
-    agent, agent_grpc, env_agent, metrics, client = free_ports(5)
     extra = {
         "ray-head": {
             "SHARDREC_RAY_CPUS": "2",
-            "SHARDREC_RAY_ARGS": (
-                f"--node-ip-address=127.0.0.1 --temp-dir={temp_dir} "
-                f"--ray-client-server-port={client} --dashboard-agent-listen-port={agent} "
-                f"--dashboard-agent-grpc-port={agent_grpc} --runtime-env-agent-port={env_agent} "
-                f"--metrics-export-port={metrics}"
-            ),
+            "SHARDREC_RAY_ARGS": " ".join(ray_node_args(temp_dir)),
         },
         "trainer": {"SHARDREC_TRAIN_ARGS": TINY},
     }
@@ -169,13 +163,12 @@ def topology(request, tmp_path):
             else:
                 pytest.fail(f"{name}: unexpected depends_on condition {cond}")
         proc = Proc(
-            name,
             loop.argv(service["command"]),
-            envs[name],
-            REPO,
             tmp_path / f"{name}.log",
+            env=envs[name],
             sweep=temp_dir if name == "ray-head" else None,
             grace=40 if name == "ray-head" else 20,
+            name=name,
         )
         procs[name] = proc
         stop_order.append(proc)

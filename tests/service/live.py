@@ -1,22 +1,23 @@
 """Real servers for the service tests: uvicorn in a thread or in a subprocess, on 127.0.0.1.
 
-Both bind a free loopback port chosen by the OS and are always stopped by their fixtures.
+Both bind a free loopback port and are always stopped by their fixtures; the subprocess and the
+waits are tests/procs.py's.
 """
 
 from __future__ import annotations
 
 import os
-import signal
 import socket
-import subprocess
 import sys
+import tempfile
 import threading
-import time
 from pathlib import Path
 
 import httpx
 import uvicorn
 from fastapi import FastAPI
+
+from tests.procs import NotYet, Proc, free_port, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -67,11 +68,14 @@ class ServerThread:
 
     def __enter__(self) -> ServerThread:
         self._thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("uvicorn did not start")
-            time.sleep(0.01)
+
+        def started() -> None:
+            if not self._thread.is_alive():
+                raise RuntimeError("its thread ended")
+            if not self.server.started:
+                raise NotYet("starting")
+
+        wait_until(started, f"uvicorn on {self.url}", 30, interval=0.01)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -81,14 +85,9 @@ class ServerThread:
         assert not self._thread.is_alive(), "uvicorn thread did not stop"
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 class ServerProcess:
-    """``python -m service serve`` in a subprocess (killable with SIGKILL)."""
+    """``python -m service serve`` in a subprocess of its own process group (`tests.procs.Proc`),
+    its output in ``log`` (a temporary file, removed at the end, when none is given)."""
 
     def __init__(self, args: list[str], env: dict[str, str] | None = None, log: Path | None = None):
         self.port = free_port()
@@ -99,49 +98,42 @@ class ServerProcess:
             **(env or {}),
         }
         self.log = log
-        self.proc: subprocess.Popen | None = None
+        self.proc: Proc | None = None
+        self._temp: tempfile.TemporaryDirectory | None = None
 
     def __enter__(self) -> ServerProcess:
-        out = open(self.log, "ab") if self.log else subprocess.DEVNULL
-        self.proc = subprocess.Popen(
-            self.args, cwd=REPO, env=self.env, stdout=out, stderr=subprocess.STDOUT
-        )
-        if self.log:
-            out.close()  # type: ignore[union-attr]
-        wait_ready(self.url, process=self.proc)
+        if self.log is None:
+            self._temp = tempfile.TemporaryDirectory(prefix="srserve-")
+            self.log = Path(self._temp.name) / "server.log"
+        self.proc = Proc(self.args, self.log, env=self.env, name="service serve")
+        wait_ready(self.url, proc=self.proc)
         return self
 
     def kill(self) -> None:
         """SIGKILL: no shutdown hook runs."""
         assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(timeout=30)
+        self.proc.kill()
 
     def __exit__(self, *exc: object) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+        if self.proc is not None:
+            self.proc.stop()
+        if self._temp is not None:
+            self._temp.cleanup()
 
 
-def wait_ready(url: str, timeout: float = 60.0, process: subprocess.Popen | None = None) -> None:
-    """Poll ``/readyz`` until 200 (raises on timeout, a failed load or a dead process)."""
-    deadline = time.monotonic() + timeout
-    last = "no answer"
-    while time.monotonic() < deadline:
-        if process is not None and process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode} before ready")
+def wait_ready(url: str, timeout: float = 60.0, proc: Proc | None = None) -> None:
+    """Polls ``/readyz`` until 200; fails the test (with ``proc``'s log) on a timeout, a failed
+    model load or an exit of ``proc``."""
+
+    def ready() -> None:
         try:
             r = httpx.get(f"{url}/readyz", timeout=2)
-            if r.status_code == 200:
-                return
-            last = r.text
-            if r.json().get("status") == "failed":
-                raise RuntimeError(f"model load failed: {last}")
         except httpx.TransportError as e:
-            last = repr(e)
-        time.sleep(0.05)
-    raise TimeoutError(f"{url} not ready after {timeout}s: {last}")
+            raise NotYet(repr(e)) from e
+        if r.status_code == 200:
+            return
+        if r.json().get("status") == "failed":
+            raise RuntimeError(f"model load failed: {r.text}")
+        raise NotYet(r.text)
+
+    wait_until(ready, f"{url} ready", timeout, proc)
