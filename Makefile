@@ -29,7 +29,7 @@ test: lint
 
 DATA_DIR ?=
 demo: install
-	$(PY) -m service.demo $(if $(DATA_DIR),--data-dir $(DATA_DIR),)
+	$(PY) -m demo $(if $(DATA_DIR),--data-dir $(DATA_DIR),)
 
 bench: install
 	$(PY) -m benchmarks.loss

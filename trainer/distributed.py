@@ -56,7 +56,7 @@ import torch
 import torch.distributed as dist
 from ray.exceptions import ActorUnavailableError, RayActorError
 
-from trainer.artifacts import export_artifacts
+from trainer.artifacts.export import export_artifacts
 from trainer.config import DistributedConfig, TrainConfig, config_from_json
 from trainer.data import Dataset, load_dataset
 from trainer.embeddings import atomic_torch_save
