@@ -35,7 +35,8 @@ from trainer.artifacts import Artifacts
 
 @dataclasses.dataclass(frozen=True)
 class IndexInfo:
-    """How the serving index came to be."""
+    """How the serving index came to be (``recall``: measured when it was built, saved with
+    it; None when not measured)."""
 
     kind: str
     params: dict[str, Any]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -11,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from service.cli import main
+from service.cli import main, settings_environment
 from service.index import IndexSettings
 from service.loading import load_model
+from service.settings import ServiceSettings
 from tests.service.live import REPO
 
 
@@ -128,3 +130,23 @@ def test_flags_are_generated_from_the_settings(capsys: pytest.CaptureFixture) ->
         main(["serve", "--artifacts", ".", "--admin-token", "x" * 20])
     assert exit_info.value.code == 2
     assert "unrecognized arguments: --admin-token" in capsys.readouterr().err
+
+
+def test_worker_processes_rebuild_the_same_settings(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``serve --workers N`` hands its settings to the workers through the environment."""
+    settings = ServiceSettings.from_mapping(
+        {
+            "artifacts": tmp_path,
+            "port": 9001,
+            "access_log": False,
+            "index": {"kind": "ivf", "nlist": 8, "nprobe": 4, "save": False},
+        }
+    )
+    for name in list(os.environ):
+        if name.startswith("SHARDREC_"):
+            monkeypatch.delenv(name)
+    for name, value in settings_environment(settings).items():
+        monkeypatch.setenv(name, value)
+    assert ServiceSettings() == settings
