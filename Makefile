@@ -29,14 +29,14 @@ install: $(VENV)/.installed
 
 lint: install
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/ruff format --check sampler trainer service benchmarks tests docker
+	$(VENV)/bin/ruff format --check sampler trainer service demo benchmarks tests docker
 
 test: lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 DATA_DIR ?=
 demo: install
-	$(PY) -m service.demo $(if $(DATA_DIR),--data-dir $(DATA_DIR),)
+	$(PY) -m demo $(if $(DATA_DIR),--data-dir $(DATA_DIR),)
 
 bench: install
 	$(PY) -m benchmarks.loss

@@ -8,7 +8,7 @@ Steps:
 
 1. Artifacts: 1M synthetic items (the trainer's generator, a few thousand users), random seeded
    item tables (low-rank structure, log-normal norms, like trained embeddings) and an untrained
-   tower, exported with ``trainer.artifacts.export_artifacts``; cached in ``--work-dir``.
+   tower, exported with ``trainer.artifacts.export.export_artifacts``; cached in ``--work-dir``.
 2. The HNSW index is built once (recall@10 measured against exact search on the tower's user
    vectors) and saved next to the artifacts, where the server loads it.
 3. Recall versus single-query search speed of IVF and HNSW settings (in process, one thread).
@@ -100,7 +100,8 @@ def make_artifacts(args: argparse.Namespace) -> Path:
     """The benchmark's artifact directory (built once, then reused while it verifies)."""
     import torch
 
-    from trainer.artifacts import ArtifactError, export_artifacts, verify_artifacts
+    from trainer.artifacts import ArtifactError, verify_artifacts
+    from trainer.artifacts.export import export_artifacts
     from trainer.config import load_config
     from trainer.data import load_dataset
     from trainer.train import build_tower
@@ -217,7 +218,7 @@ def raw_throughput(
 ) -> dict[str, tuple[float, float]]:
     """`Recommender.recommend` in process, one query per call and batches of 32: (queries per
     wall second, queries per CPU second of this thread)."""
-    from service.model import UserQuery
+    from service.queries import UserQuery
 
     out = {}
     for batch in (1, 32):
@@ -461,21 +462,23 @@ def main(argv: list[str] | None = None) -> None:
     args.work_dir.mkdir(parents=True, exist_ok=True)
     import torch
 
-    from service.index import IndexParams, set_num_threads
-    from service.model import load_model, training_user_vectors
+    from service.index import IndexSettings, set_num_threads
+    from service.loading import load_model, training_user_vectors
     from service.recommender import Recommender, seed_store
     from service.store import HistoryStore
 
     torch.set_num_threads(1)
     artifacts = make_artifacts(args)
-    params = IndexParams(
+    index = IndexSettings(
+        kind="hnsw",
         hnsw_m=args.m,
         ef_construction=args.ef_construction,
         ef_search=args.ef_search,
         num_threads=2,
+        recall_queries=args.sweep_queries,
     )
     start = time.perf_counter()
-    model = load_model(artifacts, "hnsw", params, recall_queries=args.sweep_queries)
+    model = load_model(artifacts, index)
     info = model.index_info
     load_seconds = time.perf_counter() - start
     set_num_threads(1)

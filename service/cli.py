@@ -4,9 +4,14 @@
 exact search on the model's own user vectors, saves it as ``<artifacts>/index-<kind>`` (which
 ``serve`` then loads instead of rebuilding) and prints the recall.
 
-``serve`` runs the API with uvicorn. Settings come from the flags, then ``SHARDREC_*``
-environment variables (the admin token only from ``SHARDREC_ADMIN_TOKEN``, never a flag, so it
-does not show in the process list), then the defaults; it binds 127.0.0.1 unless told.
+``serve`` runs the API with uvicorn.
+
+The flags are generated from the settings (`service.settings`, pydantic-settings' CLI source):
+every field is a flag (``--port``, ``--index.ef-search``), with the short spellings of
+`SHORTCUTS` (``--kind``, ``--m``, ``--ef-search``, ...). Settings come from the flags, then
+``SHARDREC_*`` environment variables (the admin token only from ``SHARDREC_ADMIN_TOKEN``, never a
+flag, so it does not show in the process list), then the defaults; ``serve`` binds 127.0.0.1
+unless told.
 """
 
 from __future__ import annotations
@@ -14,80 +19,110 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
+from typing import Any
 
 from pydantic import ValidationError
+from pydantic_settings import CliSettingsSource
+
+from service.settings import ArtifactSettings, ServiceSettings
 
 logger = logging.getLogger(__name__)
 
 EXIT_BAD_INPUT = 2
 
+# Short flags of nested settings (generated name -> extra spellings).
+SHORTCUTS: dict[str, str] = {
+    "index.kind": "kind",
+    "index.hnsw-m": "m",
+    "index.ef-search": "ef-search",
+    "index.ef-construction": "ef-construction",
+    "index.hnsw-metric": "hnsw-metric",
+    "index.nlist": "nlist",
+    "index.nprobe": "nprobe",
+    "index.num-threads": "faiss-threads",
+    "index.recall-queries": "recall-queries",
+    "index.recall-k": "recall-k",
+}
+# Settings read from the environment only.
+ENV_ONLY = ("admin_token",)
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m service", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
 
-    index = sub.add_parser("index", help="build, measure and save the index of an artifact dir")
-    index.add_argument("--artifacts", type=Path, required=True, help="artifact directory")
-    index.add_argument("--kind", choices=("exact", "ivf", "hnsw"), default="hnsw")
-    index.add_argument(
-        "--out", type=Path, help="index directory (default <artifacts>/index-<kind>)"
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, CliSettingsSource]]:
+    """The parser and, per command, the settings source that reads its parsed flags."""
+    parser = argparse.ArgumentParser(
+        prog="python -m service", description=__doc__.split("\n")[0], allow_abbrev=False
     )
-    _index_flags(index)
-    index.add_argument("--recall-queries", type=int, default=500, help="user vectors for recall")
-    index.add_argument("--recall-k", type=int, default=10)
-    index.add_argument("--log-level", default="INFO")
-
-    serve = sub.add_parser("serve", help="run the HTTP API (uvicorn)")
-    serve.add_argument("--artifacts", type=Path, help="artifact directory (or SHARDREC_ARTIFACTS)")
-    serve.add_argument("--host", help="interface (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, help="TCP port (default 8000; 0 = any free port)")
-    serve.add_argument("--kind", dest="index_kind", choices=("exact", "ivf", "hnsw"))
-    serve.add_argument("--index-dir", type=Path)
-    serve.add_argument("--db-path", type=Path, help="SQLite history store")
-    _index_flags(serve)
-    serve.add_argument("--torch-threads", type=int)
-    serve.add_argument("--compute-threads", type=int)
-    serve.add_argument("--micro-batch", type=int)
-    serve.add_argument("--max-k", type=int)
-    serve.add_argument("--max-history", type=int)
-    serve.add_argument("--max-batch", type=int)
-    serve.add_argument("--max-body-bytes", type=int)
-    serve.add_argument("--log-level")
+    sub = parser.add_subparsers(dest="command", required=True)
+    index = sub.add_parser(
+        "index",
+        help="build, measure and save the index of an artifact dir",
+        description="Build, measure and save the index of an artifact directory.",
+        allow_abbrev=False,
+    )
+    serve = sub.add_parser(
+        "serve",
+        help="run the HTTP API (uvicorn)",
+        description="Run the HTTP API (uvicorn).",
+        allow_abbrev=False,
+    )
     serve.add_argument(
         "--workers",
         type=int,
         default=1,
         help="uvicorn worker processes (each loads the model; admin reload needs 1)",
     )
-    serve.add_argument(
-        "--no-access-log",
-        dest="access_log",
-        action="store_false",
-        default=None,
-        help="do not log every request",
+    sources = {
+        "index": _flags(ArtifactSettings, index, {**SHORTCUTS, "index.dir": "out"}),
+        "serve": _flags(ServiceSettings, serve, {**SHORTCUTS, "index.dir": "index-dir"}),
+    }
+    return parser, sources
+
+
+def _flags(
+    settings_cls: type[ArtifactSettings], parser: argparse.ArgumentParser, shortcuts: dict[str, str]
+) -> CliSettingsSource:
+    """Add the flags of ``settings_cls`` to ``parser``."""
+    return CliSettingsSource(
+        settings_cls,
+        root_parser=parser,
+        cli_kebab_case=True,
+        cli_implicit_flags=True,
+        cli_avoid_json=True,
+        cli_show_env_vars=True,
+        cli_shortcuts=shortcuts,
+        add_argument_method=_add_flag,
     )
-    return parser
 
 
-def _index_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--m", dest="hnsw_m", type=int, help="HNSW graph degree")
-    parser.add_argument("--ef-search", type=int, help="HNSW search candidate list")
-    parser.add_argument("--ef-construction", type=int, help="HNSW build candidate list")
-    parser.add_argument("--hnsw-metric", choices=("ip", "l2"))
-    parser.add_argument("--nlist", type=int, help="IVF lists (default 4 sqrt(N))")
-    parser.add_argument("--nprobe", type=int, help="IVF lists probed per query")
-    parser.add_argument("--faiss-threads", type=int, help="FAISS OpenMP threads")
+def _add_flag(parser: Any, *names: str, **kwargs: Any) -> Any:
+    """``parser.add_argument`` for generated flags: long options only (``--m``, as one letter
+    would get ``-m``), and no flag for the settings of `ENV_ONLY`."""
+    if kwargs.get("dest") in ENV_ONLY:
+        return None
+    names = tuple(f"-{n}" if len(n) == 2 and n != "-h" else n for n in names)
+    return parser.add_argument(*names, **kwargs)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser, sources = build_parser()
+    args = parser.parse_args(argv)
+    settings_cls = ArtifactSettings if args.command == "index" else ServiceSettings
+    try:
+        settings = settings_cls(_cli_settings_source=sources[args.command](parsed_args=args))
+    except ValidationError as e:
+        problems = "; ".join(
+            f"{'.'.join(map(str, err['loc'])) or 'settings'}: {err['msg']}" for err in e.errors()
+        )
+        print(f"error: invalid settings: {problems}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     if args.command == "index":
-        return run_index(args)
-    return run_serve(args)
+        return run_index(settings)
+    assert isinstance(settings, ServiceSettings)
+    return run_serve(settings, args.workers)
 
 
 def _setup_logging(level: str) -> None:
@@ -98,48 +133,30 @@ def _setup_logging(level: str) -> None:
     )
 
 
-def _given(args: argparse.Namespace, names: Sequence[str]) -> dict[str, object]:
-    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+def run_index(settings: ArtifactSettings) -> int:
+    """Build the index of ``settings.artifacts``, print its recall, save it; 0 on success."""
+    from service.index import set_num_threads
+    from service.loading import load_or_build_index
+    from trainer.artifacts import ArtifactError, check_artifacts, load_artifacts
 
-
-_INDEX_NAMES = ("hnsw_m", "ef_search", "ef_construction", "hnsw_metric", "nlist", "nprobe")
-
-
-def run_index(args: argparse.Namespace) -> int:
-    """Build the index of ``args.artifacts``, print its recall, save it; 0 on success."""
-    from service.index import IndexParams, set_num_threads
-    from service.model import check_artifacts, load_or_build_index
-    from trainer.artifacts import ArtifactError, load_artifacts
-
-    _setup_logging(args.log_level)
+    _setup_logging(settings.log_level)
+    index = settings.index
     try:
-        params = IndexParams(num_threads=args.faiss_threads, **_given(args, _INDEX_NAMES))
-        set_num_threads(params.num_threads)
-        artifacts = load_artifacts(args.artifacts)
+        set_num_threads(index.num_threads)
+        artifacts = load_artifacts(settings.artifacts)
         check_artifacts(artifacts)
     except (ArtifactError, ValueError, TypeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    out = args.out or args.artifacts / f"index-{args.kind}"
+    out = index.directory(settings.artifacts)
     if (out / "index.json").exists():
         logger.info("replacing the index in %s", out)
         # load_or_build_index would reuse a matching index; `index` always rebuilds.
-        import shutil
-
         shutil.rmtree(out)
     start = time.perf_counter()
-    index, info = load_or_build_index(
-        artifacts,
-        args.kind,
-        params,
-        out,
-        save=True,
-        recall_queries=args.recall_queries,
-        recall_k=args.recall_k,
-    )
+    built, info = load_or_build_index(artifacts, index, out)
     seconds = time.perf_counter() - start
     recall = info.recall
-    shown = {k: v for k, v in info.params.items() if k in _INDEX_NAMES}
     if recall is None:
         measured = "recall not measured"
     elif recall.num_queries == 0:
@@ -147,52 +164,22 @@ def run_index(args: argparse.Namespace) -> int:
     else:
         measured = f"recall@{recall.k} = {recall.recall:.4f} on {recall.num_queries} user vectors"
     print(
-        f"{args.kind} index of {index.ntotal} items (dim {index.dim}) {shown}: {measured}; "
-        f"built in {seconds:.1f}s, saved to {info.path}"
+        f"{index.kind} index of {built.ntotal} items (dim {built.dim}) {info.params}: "
+        f"{measured}; built in {seconds:.1f}s, saved to {info.path}"
     )
     return 0 if info.path is not None else 1
 
 
-_SERVE_NAMES = (
-    "artifacts",
-    "host",
-    "port",
-    "index_kind",
-    "index_dir",
-    "db_path",
-    *_INDEX_NAMES,
-    "faiss_threads",
-    "torch_threads",
-    "compute_threads",
-    "micro_batch",
-    "max_k",
-    "max_history",
-    "max_batch",
-    "max_body_bytes",
-    "log_level",
-    "access_log",
-)
-
-
-def run_serve(args: argparse.Namespace) -> int:
-    """Validate the settings (fail fast) and run uvicorn until interrupted."""
+def run_serve(settings: ServiceSettings, workers: int = 1) -> int:
+    """Run uvicorn with ``settings`` until interrupted."""
     import uvicorn
 
     from service.app import create_app
-    from service.settings import ServiceSettings
 
-    try:
-        settings = ServiceSettings(**_given(args, _SERVE_NAMES))
-    except ValidationError as e:
-        problems = "; ".join(
-            f"{'.'.join(map(str, err['loc'])) or 'settings'}: {err['msg']}" for err in e.errors()
-        )
-        print(f"error: invalid settings: {problems}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    if args.workers < 1 or (args.workers > 1 and settings.admin_enabled):
+    if workers < 1 or (workers > 1 and settings.admin_enabled):
         print(
             f"error: --workers must be >= 1, and 1 when SHARDREC_ADMIN_TOKEN is set (got "
-            f"{args.workers}): a reload swaps the model of the one worker that receives it; "
+            f"{workers}): a reload swaps the model of the one worker that receives it; "
             "restart the workers to change the model instead",
             file=sys.stderr,
         )
@@ -207,11 +194,22 @@ def run_serve(args: argparse.Namespace) -> int:
         "log_config": None,  # keep the logging configured above
         "timeout_graceful_shutdown": 10,
     }
-    if args.workers == 1:
+    if workers == 1:
         uvicorn.run(create_app(settings), **common)
         return 0
     # Worker processes build their app from the environment: hand them these settings.
-    for name, value in _given(args, _SERVE_NAMES).items():
-        os.environ[f"SHARDREC_{name.upper()}"] = str(value)
-    uvicorn.run("service.app:create_app_from_env", factory=True, workers=args.workers, **common)
+    os.environ.update(settings_environment(settings))
+    uvicorn.run("service.app:create_app_from_env", factory=True, workers=workers, **common)
     return 0
+
+
+def settings_environment(settings: ServiceSettings) -> dict[str, str]:
+    """``SHARDREC_*`` variables that rebuild ``settings`` (the admin token, already in the
+    environment, excepted)."""
+    env: dict[str, str] = {}
+    for name, value in settings.model_dump(mode="json", exclude=set(ENV_ONLY)).items():
+        items = value.items() if isinstance(value, dict) else [(None, value)]
+        for sub, v in items:
+            key = f"SHARDREC_{name}_{sub}" if sub else f"SHARDREC_{name}"
+            env[key.upper()] = "null" if v is None else str(v)
+    return env

@@ -19,7 +19,8 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from service.model import Model, Recommendation, ScoredItem, SearchObserver, UserQuery
+from service.model import Model
+from service.queries import Recommendation, ScoredItem, SearchObserver, UserQuery
 from service.store import HistoryStore
 
 logger = logging.getLogger(__name__)

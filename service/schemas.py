@@ -20,7 +20,7 @@ from pydantic import (
     model_validator,
 )
 
-from service.model import Recommendation, ScoredItem
+from service.queries import Recommendation, ScoredItem
 
 MAX_ID_CHARS = 256
 HARD_MAX_LIST = 100_000  # the largest max_k / max_history / max_batch the settings accept

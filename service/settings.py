@@ -1,8 +1,11 @@
-"""Configuration of the serving process (`ServiceSettings`).
+"""Configuration of the serving process: `ServiceSettings` (and `ArtifactSettings`, the part
+that ``python -m service index`` needs).
 
-Values come from keyword arguments, then ``SHARDREC_*`` environment variables (``SHARDREC_PORT``,
-``SHARDREC_INDEX_KIND``, ...), then the defaults below. Everything is validated when the object
-is built, so a bad deployment fails at start-up with a message naming the setting.
+Values come from the command line (flags generated from these fields, see `service.cli`), then
+keyword arguments, then ``SHARDREC_*`` environment variables (``SHARDREC_PORT``, and for the
+nested index settings ``SHARDREC_INDEX_KIND``, ``SHARDREC_INDEX_EF_SEARCH``, ...), then the
+defaults below. Everything is validated when the object is built, so a bad deployment fails at
+start-up with a message naming the setting.
 
 ``ServiceSettings.from_mapping(d)`` builds settings from a plain dict only, ignoring the
 environment (tests, config files).
@@ -14,13 +17,12 @@ import contextvars
 import logging
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-if TYPE_CHECKING:
-    from service.index import IndexParams
+from service.index import IndexSettings
 
 logger = logging.getLogger(__name__)
 
@@ -33,12 +35,18 @@ _ARGUMENTS_ONLY: contextvars.ContextVar[bool] = contextvars.ContextVar(
     "shardrec_settings_arguments_only", default=False
 )
 
+_Settings = TypeVar("_Settings", bound="ArtifactSettings")
 
-class ServiceSettings(BaseSettings):
-    """Settings of the recommendation service (environment prefix ``SHARDREC_``)."""
+
+class ArtifactSettings(BaseSettings):
+    """The served artifact directory and its index (environment prefix ``SHARDREC_``)."""
 
     model_config = SettingsConfigDict(
         env_prefix="SHARDREC_",
+        # SHARDREC_INDEX_EF_SEARCH -> index.ef_search: one split after the section name.
+        env_nested_delimiter="_",
+        env_nested_max_split=1,
+        env_parse_none_str="null",
         extra="forbid",
         validate_default=True,
     )
@@ -46,41 +54,71 @@ class ServiceSettings(BaseSettings):
     artifacts: Path = Field(
         description="Directory of the trained model artifacts (must exist).",
     )
+    index: IndexSettings = Field(
+        default_factory=IndexSettings, description="The retrieval index (SHARDREC_INDEX_*)."
+    )
+    log_level: str = Field("INFO", description=f"One of {LOG_LEVELS}.")
+
+    @classmethod
+    def from_mapping(cls: type[_Settings], values: Mapping[str, Any]) -> _Settings:
+        """Settings from ``values`` and the defaults only (``SHARDREC_*`` variables ignored)."""
+        token = _ARGUMENTS_ONLY.set(True)
+        try:
+            return cls(**dict(values))
+        finally:
+            _ARGUMENTS_ONLY.reset(token)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        if _ARGUMENTS_ONLY.get():
+            return (init_settings,)
+        return init_settings, env_settings, dotenv_settings, file_secret_settings
+
+    @field_validator("artifacts")
+    @classmethod
+    def _artifacts_exist(cls, value: Path) -> Path:
+        value = value.expanduser()
+        if not value.is_dir():
+            state = "is not a directory" if value.exists() else "does not exist"
+            raise ValueError(
+                f"artifacts must be the directory of a trained model, got {str(value)!r} which "
+                f"{state}; train a model first or set SHARDREC_ARTIFACTS to its output directory"
+            )
+        return value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _log_level(cls, value: object) -> object:
+        if isinstance(value, str):
+            upper = value.strip().upper()
+            if upper not in LOG_LEVELS:
+                raise ValueError(f"log_level must be one of {LOG_LEVELS}, got {value!r}")
+            return upper
+        return value
+
+    @model_validator(mode="after")
+    def _index_dir(self) -> ArtifactSettings:
+        if self.index.dir is None:
+            self.index = self.index.model_copy(update={"dir": self.index.directory(self.artifacts)})
+        return self
+
+
+class ServiceSettings(ArtifactSettings):
+    """Settings of the recommendation service (environment prefix ``SHARDREC_``)."""
+
     host: str = Field("127.0.0.1", min_length=1, description="Interface to bind.")
     port: int = Field(8000, ge=0, le=65535, description="TCP port (0: any free port).")
 
-    index_kind: Literal["exact", "ivf", "hnsw"] = Field(
-        "hnsw", description="Retrieval index: exact brute force, IVF or HNSW."
-    )
-    index_dir: Path | None = Field(
-        None, description="Where the index is saved/loaded; default <artifacts>/index-<kind>."
-    )
-    nlist: int | None = Field(None, ge=1, description="IVF lists; None: 4 sqrt(N) capped.")
-    nprobe: int = Field(32, ge=1, description="IVF lists probed per query.")
-    hnsw_m: int = Field(32, ge=2, le=256, description="HNSW graph degree M.")
-    hnsw_metric: Literal["ip", "l2"] = Field(
-        "ip", description="HNSW graph on inner products ('ip') or on the MIPS-to-L2 transform."
-    )
-    ef_construction: int = Field(200, ge=1, description="HNSW build candidate list size.")
-    ef_search: int = Field(128, ge=1, description="HNSW search candidate list size.")
-    faiss_threads: int | None = Field(
-        None, ge=1, description="FAISS OpenMP threads (process-global); None: FAISS default."
-    )
     torch_threads: int | None = Field(
         None, ge=1, description="torch intra-op threads (process-global); None: torch default."
     )
-    save_index: bool = Field(
-        True, description="Save an index built at start-up or reload into its index directory."
-    )
-    recall_queries: int = Field(
-        500,
-        ge=0,
-        le=100_000,
-        description="User vectors (encoded training histories) on which the recall of a newly "
-        "built approximate index is measured against exact search; 0 skips the measurement.",
-    )
-    recall_k: int = Field(10, ge=1, le=1000, description="k of the measured recall@k.")
-
     compute_threads: int = Field(
         1,
         ge=1,
@@ -126,42 +164,7 @@ class ServiceSettings(BaseSettings):
         1 << 20, ge=1024, le=1 << 30, description="Largest accepted request body, in bytes."
     )
     max_batch: int = Field(256, ge=1, le=100_000, description="Most users per batch request.")
-    log_level: str = Field("INFO", description=f"One of {LOG_LEVELS}.")
     access_log: bool = Field(True, description="Log every request (uvicorn's access log).")
-
-    @classmethod
-    def from_mapping(cls, values: Mapping[str, Any]) -> ServiceSettings:
-        """Settings from ``values`` and the defaults only (``SHARDREC_*`` variables ignored)."""
-        token = _ARGUMENTS_ONLY.set(True)
-        try:
-            return cls(**dict(values))
-        finally:
-            _ARGUMENTS_ONLY.reset(token)
-
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        if _ARGUMENTS_ONLY.get():
-            return (init_settings,)
-        return init_settings, env_settings, dotenv_settings, file_secret_settings
-
-    @field_validator("artifacts")
-    @classmethod
-    def _artifacts_exist(cls, value: Path) -> Path:
-        value = value.expanduser()
-        if not value.is_dir():
-            state = "is not a directory" if value.exists() else "does not exist"
-            raise ValueError(
-                f"artifacts must be the directory of a trained model, got {str(value)!r} which "
-                f"{state}; train a model first or set SHARDREC_ARTIFACTS to its output directory"
-            )
-        return value
 
     @field_validator("admin_token", mode="before")
     @classmethod
@@ -184,32 +187,15 @@ class ServiceSettings(BaseSettings):
             )
         return value
 
-    @field_validator("log_level", mode="before")
-    @classmethod
-    def _log_level(cls, value: object) -> object:
-        if isinstance(value, str):
-            upper = value.strip().upper()
-            if upper not in LOG_LEVELS:
-                raise ValueError(f"log_level must be one of {LOG_LEVELS}, got {value!r}")
-            return upper
-        return value
-
-    @field_validator("db_path", "index_dir")
+    @field_validator("db_path")
     @classmethod
     def _expand(cls, value: Path | None) -> Path | None:
         return value.expanduser() if value is not None else None
 
     @model_validator(mode="after")
-    def _derived(self) -> ServiceSettings:
-        if self.nlist is not None and self.nprobe > self.nlist:
-            raise ValueError(
-                f"nprobe must be <= nlist, got nprobe={self.nprobe} > nlist={self.nlist}; lower "
-                "SHARDREC_NPROBE or raise SHARDREC_NLIST"
-            )
+    def _db_path(self) -> ServiceSettings:
         if self.db_path is None:
             self.db_path = self.artifacts / DB_FILE
-        if self.index_dir is None:
-            self.index_dir = self.artifacts / f"index-{self.index_kind}"
         if self.db_path.exists() and self.db_path.is_dir():
             raise ValueError(
                 f"db_path must be a file path, got the directory {str(self.db_path)!r}; point "
@@ -221,17 +207,3 @@ class ServiceSettings(BaseSettings):
     def admin_enabled(self) -> bool:
         """Whether admin routes are served (an admin token is set)."""
         return self.admin_token is not None
-
-    def index_params(self) -> IndexParams:
-        """The `service.index.IndexParams` described by these settings."""
-        from service.index import IndexParams
-
-        return IndexParams(
-            nlist=self.nlist,
-            nprobe=self.nprobe,
-            hnsw_m=self.hnsw_m,
-            hnsw_metric=self.hnsw_metric,
-            ef_construction=self.ef_construction,
-            ef_search=self.ef_search,
-            num_threads=self.faiss_threads,
-        )

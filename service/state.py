@@ -20,8 +20,10 @@ from starlette.concurrency import run_in_threadpool
 
 from service.batching import MicroBatcher
 from service.index import set_num_threads
+from service.loading import load_model
 from service.metrics import ServiceMetrics
-from service.model import Model, Recommendation, UserQuery, load_model
+from service.model import Model
+from service.queries import Recommendation, UserQuery
 from service.recommender import Recommender, ReloadResult, seed_store
 from service.settings import ServiceSettings
 from service.store import HistoryStore
@@ -33,16 +35,8 @@ ModelFactory = Callable[[ServiceSettings, Path, Path], Model]
 
 
 def default_model_factory(settings: ServiceSettings, path: Path, index_dir: Path) -> Model:
-    """`load_model` with the index kind and parameters of ``settings``."""
-    return load_model(
-        path,
-        settings.index_kind,
-        settings.index_params(),
-        index_dir,
-        save_index=settings.save_index,
-        recall_queries=settings.recall_queries,
-        recall_k=settings.recall_k,
-    )
+    """`load_model` with the index settings of ``settings``, the index kept in ``index_dir``."""
+    return load_model(path, settings.index.model_copy(update={"dir": index_dir}))
 
 
 class ServiceState:
@@ -76,7 +70,7 @@ class ServiceState:
     async def start(self) -> None:
         """Start the compute threads and the background model load."""
         s = self.settings
-        set_num_threads(s.faiss_threads)
+        set_num_threads(s.index.num_threads)
         if s.torch_threads is not None:
             import torch
 
@@ -131,9 +125,9 @@ class ServiceState:
 
     def _load_sync(self) -> Recommender:
         s = self.settings
-        assert s.db_path is not None and s.index_dir is not None
+        assert s.db_path is not None
         self._store = HistoryStore(s.db_path, synchronous=s.db_synchronous)
-        model = self._model_factory(s, s.artifacts, s.index_dir)
+        model = self._model_factory(s, s.artifacts, s.index.directory(s.artifacts))
         seed_store(self._store, model, s.reseed_on_new_model)
         self._record_model(model)
         return Recommender(
@@ -168,7 +162,7 @@ class ServiceState:
         """Load ``path`` (verified, index built or loaded) on a thread, then swap it in."""
         recommender = self.recommender
         assert recommender is not None
-        index_dir = path / f"index-{self.settings.index_kind}"
+        index_dir = path / f"index-{self.settings.index.kind}"
 
         def load(p: Path) -> Model:
             return self._model_factory(self.settings, p, index_dir)

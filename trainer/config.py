@@ -16,48 +16,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from trainer.data.config import DataConfig
+from trainer.model import ModelConfig
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
-
-
-class ModelConfig(_Strict):
-    """The YouTube-DNN user tower and the item tables."""
-
-    embedding_dim: int = Field(64, ge=1, description="user vector = item output embedding size")
-    input_dim: int | None = Field(
-        None, ge=1, description="input (watch history) item embedding size; default embedding_dim"
-    )
-    hidden: list[int] = Field(default_factory=lambda: [256], description="ReLU tower widths")
-    feature_dim: int = Field(16, ge=1, description="size of each categorical feature embedding")
-    use_user_features: bool = True
-    use_item_features: bool = Field(True, description="bag of the history items' side features")
-    use_example_age: bool = Field(True, description="the paper's 'example age' feature")
-    recent_items: int = Field(
-        0, ge=0, description="also mean-pool the most recent N history items (0: off)"
-    )
-    position_weights: bool = Field(
-        False, description="learn a pooling weight per history position (recency decay)"
-    )
-    tie_weights: bool = Field(False, description="input item embeddings = output embeddings")
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    init_std: float = Field(0.05, gt=0.0, description="std of the item embedding init")
-
-    @model_validator(mode="after")
-    def _check(self) -> ModelConfig:
-        if any(h < 1 for h in self.hidden):
-            raise ValueError(f"model.hidden widths must be >= 1, got {self.hidden}.")
-        if self.tie_weights and self.input_dim not in (None, self.embedding_dim):
-            raise ValueError(
-                f"model.tie_weights needs input_dim == embedding_dim, got input_dim="
-                f"{self.input_dim} and embedding_dim={self.embedding_dim}; drop input_dim."
-            )
-        return self
-
-    @property
-    def history_dim(self) -> int:
-        return self.input_dim or self.embedding_dim
 
 
 class LossConfig(_Strict):

@@ -1,4 +1,4 @@
-"""The YouTube-DNN candidate generator (Covington et al., 2016): the user tower.
+"""The YouTube-DNN candidate generator (Covington et al., 2016): the user tower and its config.
 
 The item tables (input embeddings, output embeddings and biases) are NOT parameters of the
 tower: they live in an embedding store (in process, or sharded over Ray actors) and only the
@@ -13,11 +13,51 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
-from trainer.config import ModelConfig
-
 SECONDS_PER_DAY = 86_400.0
+
+
+class ModelConfig(BaseModel):
+    """The YouTube-DNN user tower and the item tables (``TrainConfig.model``; saved with every
+    export, so the service rebuilds the same tower from it)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    embedding_dim: int = Field(64, ge=1, description="user vector = item output embedding size")
+    input_dim: int | None = Field(
+        None, ge=1, description="input (watch history) item embedding size; default embedding_dim"
+    )
+    hidden: list[int] = Field(default_factory=lambda: [256], description="ReLU tower widths")
+    feature_dim: int = Field(16, ge=1, description="size of each categorical feature embedding")
+    use_user_features: bool = True
+    use_item_features: bool = Field(True, description="bag of the history items' side features")
+    use_example_age: bool = Field(True, description="the paper's 'example age' feature")
+    recent_items: int = Field(
+        0, ge=0, description="also mean-pool the most recent N history items (0: off)"
+    )
+    position_weights: bool = Field(
+        False, description="learn a pooling weight per history position (recency decay)"
+    )
+    tie_weights: bool = Field(False, description="input item embeddings = output embeddings")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    init_std: float = Field(0.05, gt=0.0, description="std of the item embedding init")
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelConfig:
+        if any(h < 1 for h in self.hidden):
+            raise ValueError(f"model.hidden widths must be >= 1, got {self.hidden}.")
+        if self.tie_weights and self.input_dim not in (None, self.embedding_dim):
+            raise ValueError(
+                f"model.tie_weights needs input_dim == embedding_dim, got input_dim="
+                f"{self.input_dim} and embedding_dim={self.embedding_dim}; drop input_dim."
+            )
+        return self
+
+    @property
+    def history_dim(self) -> int:
+        return self.input_dim or self.embedding_dim
 
 
 def example_age_features(age_days: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,8 @@ import numpy as np
 import torch
 
 from trainer import metrics
-from trainer.artifacts import Artifacts, export_artifacts, load_artifacts
+from trainer.artifacts import Artifacts, load_artifacts
+from trainer.artifacts.export import export_artifacts
 from trainer.config import TrainConfig
 from trainer.data import Dataset, load_dataset
 from trainer.train import TrainResult, evaluate_model, score_function, train_local

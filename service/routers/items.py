@@ -8,7 +8,7 @@ from fastapi import APIRouter, HTTPException, Path, Query, status
 from starlette.concurrency import run_in_threadpool
 
 from service.deps import RecommenderDep, SettingsDep, check_limits
-from service.model import UnknownItemError
+from service.queries import UnknownItemError
 from service.schemas import (
     HARD_MAX_LIST,
     ID_PATTERN,

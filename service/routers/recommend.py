@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from service.deps import ReadyStateDep, check_limits
-from service.model import UserQuery
+from service.queries import UserQuery
 from service.schemas import (
     BatchRecommendRequest,
     BatchRecommendResponse,

@@ -1,4 +1,4 @@
-"""`service.demo_client.serve_and_query` (``make demo``) against a tiny trained model."""
+"""`demo.client.serve_and_query` (``make demo``) against a tiny trained model."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from service import demo_client
+from demo import client as demo_client
 from tests.procs import pids_naming
 from tests.tiny import TINY_RUN
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -10,8 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from service.cli import main
-from service.model import load_model
+from service.cli import main, settings_environment
+from service.index import IndexSettings
+from service.loading import load_model
+from service.settings import ServiceSettings
 from tests.service.live import REPO
 
 
@@ -47,8 +51,10 @@ def test_index_builds_measures_and_saves(model_dir: Path, capsys: pytest.Capture
     meta = json.loads((model_dir / "index-ivf" / "index.json").read_text())
     assert meta["recall"]["k"] == 5 and meta["recall"]["num_queries"] == 100
     assert f"recall@5 = {meta['recall']['recall']:.4f}" in out
-    model = load_model(model_dir, "ivf")  # the service loads the saved index
-    assert model.index_info.source == "loaded" and model.index.nprobe == 2
+    # The service, with the same flags, loads the saved index (nlist was fixed at build time).
+    model = load_model(model_dir, IndexSettings(kind="ivf", nprobe=2))
+    assert model.index_info.source == "loaded" and model.index.backend.nprobe == 2
+    assert model.index.backend.nlist == 4 and model.index.params.nlist == 4
 
 
 def test_index_hnsw_as_a_subprocess(model_dir: Path) -> None:
@@ -85,7 +91,7 @@ def test_index_refuses_corrupt_artifacts(model_dir: Path, capsys: pytest.Capture
     assert main(["index", "--artifacts", str(model_dir)]) == 2
     assert "checksum mismatch for items.csv" in capsys.readouterr().err
     assert main(["index", "--artifacts", str(model_dir), "--m", "1"]) == 2
-    assert "hnsw_m must be an int >= 2" in capsys.readouterr().err
+    assert "index.hnsw_m: Input should be greater than or equal to 2" in capsys.readouterr().err
 
 
 def test_serve_fails_fast_on_bad_settings(
@@ -108,3 +114,39 @@ def test_serve_workers_need_no_admin_token(
     assert "--workers must be >= 1, and 1 when SHARDREC_ADMIN_TOKEN is set" in (
         capsys.readouterr().err
     )
+
+
+def test_flags_are_generated_from_the_settings(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    text = capsys.readouterr().out
+    for flag in ("--index.ef-search int, --ef-search int", "--index.hnsw-m int, --m int"):
+        assert flag in text, text
+    assert "--max-k int" in text and "SHARDREC_INDEX_EF_SEARCH" in text
+    assert "--no-access-log" in text and "--index-dir" in text
+    flags = text.split("options:", 1)[1]
+    assert "--admin-token" not in flags and not re.search(r"(?<![-\w])-m\b", flags)  # no `-m`
+    with pytest.raises(SystemExit) as exit_info:  # never a flag: it would show in `ps`
+        main(["serve", "--artifacts", ".", "--admin-token", "x" * 20])
+    assert exit_info.value.code == 2
+    assert "unrecognized arguments: --admin-token" in capsys.readouterr().err
+
+
+def test_worker_processes_rebuild_the_same_settings(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``serve --workers N`` hands its settings to the workers through the environment."""
+    settings = ServiceSettings.from_mapping(
+        {
+            "artifacts": tmp_path,
+            "port": 9001,
+            "access_log": False,
+            "index": {"kind": "ivf", "nlist": 8, "nprobe": 4, "save": False},
+        }
+    )
+    for name in list(os.environ):
+        if name.startswith("SHARDREC_"):
+            monkeypatch.delenv(name)
+    for name, value in settings_environment(settings).items():
+        monkeypatch.setenv(name, value)
+    assert ServiceSettings() == settings

@@ -1,4 +1,5 @@
-"""service.index: exact vs NumPy, approximate recall, exclusion, persistence, input checks."""
+"""service.index: exact vs NumPy, approximate recall, exclusion, persistence, input checks,
+and the MIPS transform against its NumPy reference."""
 
 from __future__ import annotations
 
@@ -9,16 +10,17 @@ import numpy as np
 import pytest
 
 from service.index import (
-    ExactIndex,
-    HNSWIndex,
     IndexParams,
     ItemIndex,
-    IVFIndex,
     RecallReport,
+    auto_nlist,
     build_index,
     load_index,
     measure_recall,
+    save_index,
 )
+from service.index.backends import IVFBackend
+from service.index.mips import mips_items, mips_queries, squared_norms
 from tests.service.helpers import Items, brute_force, make_items
 
 # Small graphs / lists so that the suite stays fast; one FAISS thread (2 shared cores).
@@ -137,16 +139,17 @@ def test_approximate_recall_above_threshold(
 ) -> None:
     index = built[name]
     assert not index.is_exact
-    recall = measure_recall(index, exact, items.queries, 10, record=False)
-    assert recall >= threshold, f"{name} recall@10 = {recall:.3f} < {threshold}"
-    assert index.recall is None
+    report = measure_recall(index, exact, items.queries, 10)
+    assert report.recall >= threshold, f"{name} recall@10 = {report.recall:.3f} < {threshold}"
+    assert (report.k, report.num_queries) == (10, len(items.queries))
 
 
-def test_measure_recall_records_and_checks(items: Items, exact: ItemIndex) -> None:
-    assert measure_recall(exact, exact, items.queries[:10], 5, record=False) == 1.0
+def test_measure_recall_returns_a_report_and_checks(items: Items, exact: ItemIndex) -> None:
+    assert measure_recall(exact, exact, items.queries[:10], 5).recall == 1.0
     index = build_index("ivf", items.vectors, items.bias, IVF)
-    recall = measure_recall(index, exact, items.queries[:50], 10)
-    assert index.recall == RecallReport(recall=recall, k=10, num_queries=50)
+    report = measure_recall(index, exact, items.queries[:50], 10)
+    assert report == RecallReport(recall=report.recall, k=10, num_queries=50)
+    assert 0.0 < report.recall <= 1.0
     small = build_index("exact", items.vectors[:100], items.bias[:100])
     with pytest.raises(ValueError, match="same items"):
         measure_recall(small, exact, items.queries, 10)
@@ -154,9 +157,10 @@ def test_measure_recall_records_and_checks(items: Items, exact: ItemIndex) -> No
 
 def test_ivf_auto_nlist_and_nprobe_clipped(items: Items) -> None:
     index = build_index("ivf", items.vectors, items.bias, IndexParams(nprobe=10_000))
-    assert isinstance(index, IVFIndex)
-    assert index.nlist == IVFIndex.auto_nlist(len(items.vectors)) == 76
-    assert index.nprobe == index.nlist  # probing every list is exhaustive: exact results
+    ivf = index.backend
+    assert isinstance(ivf, IVFBackend)
+    assert ivf.nlist == auto_nlist(len(items.vectors)) == 76
+    assert ivf.nprobe == ivf.nlist  # probing every list is exhaustive: exact results
     _, ids = index.search(items.queries[:20], 10)
     np.testing.assert_array_equal(ids, brute_force(items, items.queries[:20], 10)[1])
 
@@ -206,13 +210,13 @@ def test_a_long_exclusion_list_does_not_slow_the_other_rows(items: Items) -> Non
     """Rows fetch k + their own exclusions (rounded to a power of two), not the batch maximum."""
     index = build_index("hnsw", items.vectors, items.bias, HNSW_IP)
     fetched: list[int] = []
-    original = index._faiss_search
+    original = index.backend.search
 
     def spy(q_aug: np.ndarray, fetch: int) -> np.ndarray:
         fetched.extend([fetch] * q_aug.shape[0])
         return original(q_aug, fetch)
 
-    index._faiss_search = spy  # type: ignore[method-assign]
+    index.backend.search = spy  # type: ignore[method-assign]
     exclude = [[], [1, 2, 3], list(range(1000)), []]
     index.search(items.queries[:4], 10, exclude=exclude)
     assert sorted(fetched) == [16, 16, 16, 1024]
@@ -248,7 +252,7 @@ def test_exclude_accepts_a_2d_array_and_checks_length(items: Items, exact: ItemI
 
 
 def test_add_appends_ids_and_keeps_exact_scores(items: Items) -> None:
-    index = ExactIndex(16)
+    index = ItemIndex("exact", 16)
     index.add(items.vectors[:1000], items.bias[:1000])  # empty index: builds
     index.add(items.vectors[1000:], items.bias[1000:])
     assert index.ntotal == 3000
@@ -272,50 +276,50 @@ def test_add_beyond_the_norm_bound_asks_for_a_rebuild(items: Items) -> None:
 @pytest.mark.parametrize(("kind", "params"), KINDS)
 def test_save_load_round_trip(tmp_path, items: Items, kind: str, params: IndexParams) -> None:
     index = build_index(kind, items.vectors, items.bias, params)
-    index.recall = RecallReport(0.97, 10, 200)
-    path = index.save(tmp_path / "index")
+    recall = RecallReport(0.97, 10, 200)
+    path = save_index(index, tmp_path / "index", recall)
     assert sorted(p.name for p in path.iterdir()) == ["index.faiss", "index.json"]
     meta = json.loads((path / "index.json").read_text())
     assert meta["kind"] == kind and meta["ntotal"] == 3000 and meta["dim"] == 16
     assert meta["recall"] == {"recall": 0.97, "k": 10, "num_queries": 200}
 
-    loaded = load_index(path)
-    assert type(loaded) is type(index) and loaded.params == index.params
-    assert loaded.recall == index.recall and loaded.fingerprint == index.fingerprint
+    loaded, loaded_recall = load_index(path)
+    assert type(loaded.backend) is type(index.backend) and loaded.params == index.params
+    assert loaded_recall == recall and loaded.fingerprint == index.fingerprint
     assert loaded.matches(items.vectors, items.bias)
     s1, i1 = index.search(items.queries[:50], 10, exclude=[[1, 2]] * 50)
     s2, i2 = loaded.search(items.queries[:50], 10, exclude=[[1, 2]] * 50)
     np.testing.assert_array_equal(i1, i2)
     np.testing.assert_array_equal(s1, s2)
-    assert type(index).load(path).kind == kind  # subclass loader accepts its own kind
+    assert load_index(path, kind=kind)[0].kind == kind  # a loader asking for its kind accepts it
 
 
 def test_load_overrides_search_params_only(tmp_path, items: Items) -> None:
-    path = build_index("hnsw", items.vectors, items.bias, HNSW_IP).save(tmp_path / "h")
-    loaded = load_index(path, IndexParams(ef_search=300, hnsw_m=64, num_threads=1))
+    path = save_index(build_index("hnsw", items.vectors, items.bias, HNSW_IP), tmp_path / "h")
+    loaded, _ = load_index(path, IndexParams(ef_search=300, hnsw_m=64, num_threads=1))
     assert loaded.params.ef_search == 300
     assert loaded.params.hnsw_m == 16  # build-time parameter kept
-    loaded_ivf = load_index(
-        build_index("ivf", items.vectors, items.bias, IVF).save(tmp_path / "i"),
+    loaded_ivf, _ = load_index(
+        save_index(build_index("ivf", items.vectors, items.bias, IVF), tmp_path / "i"),
         IndexParams(nprobe=2),
     )
-    assert isinstance(loaded_ivf, IVFIndex) and loaded_ivf.nprobe == 2
+    assert isinstance(loaded_ivf.backend, IVFBackend) and loaded_ivf.backend.nprobe == 2
 
 
 def test_save_replaces_existing_directory(tmp_path, items: Items) -> None:
     path = tmp_path / "index"
-    build_index("exact", items.vectors[:10], items.bias[:10]).save(path)
-    build_index("exact", items.vectors[:20], items.bias[:20]).save(path)
-    assert load_index(path).ntotal == 20
+    save_index(build_index("exact", items.vectors[:10], items.bias[:10]), path)
+    save_index(build_index("exact", items.vectors[:20], items.bias[:20]), path)
+    assert load_index(path)[0].ntotal == 20
     assert [p.name for p in tmp_path.iterdir()] == ["index"]  # no temporary leftovers
 
 
 def test_load_errors(tmp_path, items: Items) -> None:
     with pytest.raises(FileNotFoundError, match="build it first"):
         load_index(tmp_path / "missing")
-    path = build_index("exact", items.vectors[:50], items.bias[:50]).save(tmp_path / "e")
+    path = save_index(build_index("exact", items.vectors[:50], items.bias[:50]), tmp_path / "e")
     with pytest.raises(ValueError, match="holds a 'exact' index, expected 'hnsw'"):
-        HNSWIndex.load(path)
+        load_index(path, kind="hnsw")
     meta = json.loads((path / "index.json").read_text())
     meta["fingerprint"] = "0" * 64
     (path / "index.json").write_text(json.dumps(meta))
@@ -326,7 +330,7 @@ def test_load_errors(tmp_path, items: Items) -> None:
     with pytest.raises(ValueError, match="index kind must be one of"):
         load_index(path)
     with pytest.raises(ValueError, match="cannot save an empty"):
-        ExactIndex(4).save(tmp_path / "empty")
+        save_index(ItemIndex("exact", 4), tmp_path / "empty")
 
 
 # ---------------------------------------------------------------------- input checks
@@ -374,11 +378,11 @@ def test_bad_items_and_params(items: Items) -> None:
         build_index("lsh", items.vectors)
     with pytest.raises(ValueError, match="nlist must be <= the number of items"):
         build_index("ivf", items.vectors[:50], params={"nlist": 64})
-    with pytest.raises(ValueError, match="unknown index parameter"):
+    with pytest.raises(ValueError, match=r"efSearch\n  Extra inputs are not permitted"):
         build_index("hnsw", items.vectors, params={"efSearch": 10})
-    with pytest.raises(ValueError, match="hnsw_metric must be one of"):
+    with pytest.raises(ValueError, match=r"hnsw_metric\n  Input should be 'ip' or 'l2'"):
         IndexParams(hnsw_metric="cosine")
-    with pytest.raises(ValueError, match="hnsw_m must be an int >= 2"):
+    with pytest.raises(ValueError, match=r"hnsw_m\n  Input should be greater than or equal to 2"):
         IndexParams(hnsw_m=1)
     index = build_index("exact", items.vectors[:10])  # bias None: zeros
     assert np.all(index.item_bias == 0) and index.item_vectors.shape == (10, 16)
@@ -448,13 +452,33 @@ def test_set_search_params_trades_recall_for_speed(
     low = {"ef_search": 1} if kind == "hnsw" else {"nprobe": 1}
     high = {"ef_search": 256} if kind == "hnsw" else {"nprobe": 10_000}
     index.set_search_params(**low)
-    recall_low = measure_recall(index, exact, items.queries, 10, record=False)
+    recall_low = measure_recall(index, exact, items.queries, 10).recall
     index.set_search_params(**high)
-    recall_high = measure_recall(index, exact, items.queries, 10, record=False)
+    recall_high = measure_recall(index, exact, items.queries, 10).recall
     assert recall_high > recall_low and recall_high >= 0.98
     if kind == "ivf":
-        assert isinstance(index, IVFIndex) and index.nprobe == index.nlist
+        ivf = index.backend
+        assert isinstance(ivf, IVFBackend) and ivf.nprobe == ivf.nlist
     else:
         assert index.params.ef_search == 256
     with pytest.raises(ValueError, match="ef_search must be an int >= 1"):
         index.set_search_params(ef_search=0)
+
+
+# ---------------------------------------------------------------------- MIPS transform
+
+
+def test_mips_transform_turns_l2_distance_into_inner_product(items: Items) -> None:
+    """``||[q, 0] - z_i||² = ||q||² + M² - 2 q·x_i`` with queries scaled to norm ``M``."""
+    x = np.concatenate([items.vectors, items.bias[:, None]], axis=1)  # [N, d + 1]
+    q = np.concatenate([items.queries[:20], np.ones((20, 1), np.float32)], axis=1)
+    bound = float(squared_norms(x).max())
+    z, qz = mips_items(x, bound), mips_queries(q, bound)
+    assert z.shape == (3000, 18) and qz.shape == (20, 18) and np.all(qz[:, -1] == 0)
+    np.testing.assert_allclose(squared_norms(z), bound, rtol=1e-5)  # every item on the sphere
+    scale = np.sqrt(bound) / np.linalg.norm(q.astype(np.float64), axis=1)
+    l2 = squared_norms((qz[:, None, :] - z[None, :, :]).reshape(-1, 18)).reshape(20, 3000)
+    reference = bound + bound - 2 * scale[:, None] * (q.astype(np.float64) @ x.T)
+    np.testing.assert_allclose(l2, reference, rtol=1e-4, atol=1e-3 * bound)
+    with pytest.raises(ValueError, match="rebuild the index"):
+        mips_items(2 * x[[int(np.argmax(squared_norms(x)))]], bound)

@@ -1,5 +1,5 @@
-"""service.model: loading (checksums, saved index reuse, recall), recommend and similar against
-a NumPy reference, fallbacks, exclusions, unknown ids, features. No HTTP."""
+"""service.model and service.loading: loading (checksums, saved index reuse, recall), recommend
+and similar against a NumPy reference, fallbacks, exclusions, unknown ids, features. No HTTP."""
 
 from __future__ import annotations
 
@@ -10,14 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.index import IndexParams
-from service.model import (
-    Model,
-    UnknownItemError,
-    UserQuery,
-    load_model,
-    training_user_vectors,
-)
+from service.index import IndexSettings
+from service.loading import load_model, training_user_vectors
+from service.model import Model
+from service.queries import UnknownItemError, UserQuery
 from trainer.artifacts import ArtifactError
 
 
@@ -30,7 +26,7 @@ def model_dir(tmp_path: Path, artifacts_a: Path) -> Path:
 @pytest.fixture(scope="module")
 def exact_model(artifacts_a: Path, tmp_path_factory: pytest.TempPathFactory) -> Model:
     index_dir = tmp_path_factory.mktemp("exact-index")
-    return load_model(artifacts_a, "exact", index_dir=index_dir)
+    return load_model(artifacts_a, IndexSettings(kind="exact", dir=index_dir))
 
 
 def reference_top(
@@ -175,13 +171,13 @@ def test_k_larger_than_catalogue_and_bad_k(exact_model: Model) -> None:
 
 
 def test_build_measures_recall_saves_then_reloads_the_index(model_dir: Path) -> None:
-    params = IndexParams(hnsw_m=8, ef_construction=40, ef_search=16)
-    built = load_model(model_dir, "hnsw", params, recall_queries=200, recall_k=10)
+    params = IndexSettings(hnsw_m=8, ef_construction=40, ef_search=16, recall_queries=200)
+    built = load_model(model_dir, params)
     info = built.index_info
     assert info.source == "built" and info.path == str(model_dir / "index-hnsw")
     assert info.recall is not None and info.recall.num_queries == 200 and info.recall.k == 10
     assert 0.5 <= info.recall.recall <= 1.0
-    again = load_model(model_dir, "hnsw", params)
+    again = load_model(model_dir, params)
     assert again.index_info.source == "loaded"
     assert again.index_info.recall == info.recall
     summary = again.summary()
@@ -191,14 +187,14 @@ def test_build_measures_recall_saves_then_reloads_the_index(model_dir: Path) -> 
     meta = json.loads((model_dir / "index-hnsw" / "index.json").read_text())
     meta["fingerprint"] = "0" * 64
     (model_dir / "index-hnsw" / "index.json").write_text(json.dumps(meta))
-    assert load_model(model_dir, "hnsw", params).index_info.source == "built"
+    assert load_model(model_dir, params).index_info.source == "built"
 
 
 def test_ivf_and_exact_kinds(model_dir: Path) -> None:
-    ivf = load_model(model_dir, "ivf", IndexParams(nlist=4, nprobe=4), save_index=False)
+    ivf = load_model(model_dir, IndexSettings(kind="ivf", nlist=4, nprobe=4, save=False))
     assert ivf.index.kind == "ivf" and ivf.index_info.path is None
     assert ivf.index_info.recall is not None and ivf.index_info.recall.recall == 1.0
-    exact = load_model(model_dir, "exact", save_index=False)
+    exact = load_model(model_dir, IndexSettings(kind="exact", save=False))
     assert exact.index_info.recall is not None and exact.index_info.recall.num_queries == 0
 
 
@@ -209,13 +205,13 @@ def test_corrupt_or_missing_artifacts_are_refused(model_dir: Path) -> None:
     data[len(data) // 2] ^= 0xFF
     tables.write_bytes(bytes(data))
     with pytest.raises(ArtifactError, match=r"checksum mismatch for item_tables\.safetensors"):
-        load_model(model_dir, "exact")
+        load_model(model_dir, IndexSettings(kind="exact"))
     tables.write_bytes(original)
     (model_dir / "user_tower.safetensors").unlink()
     with pytest.raises(ArtifactError, match=r"user_tower\.safetensors listed in the manifest is"):
-        load_model(model_dir, "exact")
+        load_model(model_dir, IndexSettings(kind="exact"))
     with pytest.raises(ArtifactError, match=r"manifest\.json is missing"):
-        load_model(model_dir / "nowhere", "exact")
+        load_model(model_dir / "nowhere", IndexSettings(kind="exact"))
 
 
 def test_training_user_vectors(exact_model: Model) -> None:

@@ -7,7 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from service.model import Model, UserQuery, load_model
+from service.index import IndexSettings
+from service.loading import load_model
+from service.model import Model
+from service.queries import UserQuery
 from service.recommender import Recommender, ReloadInProgressError, seed_store
 from service.store import HistoryStore
 from trainer.artifacts import ArtifactError
@@ -15,12 +18,16 @@ from trainer.artifacts import ArtifactError
 
 @pytest.fixture(scope="module")
 def model_a(artifacts_a: Path, tmp_path_factory: pytest.TempPathFactory) -> Model:
-    return load_model(artifacts_a, "exact", index_dir=tmp_path_factory.mktemp("idx-a"))
+    return load_model(
+        artifacts_a, IndexSettings(kind="exact", dir=tmp_path_factory.mktemp("idx-a"))
+    )
 
 
 @pytest.fixture(scope="module")
 def model_b(artifacts_b: Path, tmp_path_factory: pytest.TempPathFactory) -> Model:
-    return load_model(artifacts_b, "exact", index_dir=tmp_path_factory.mktemp("idx-b"))
+    return load_model(
+        artifacts_b, IndexSettings(kind="exact", dir=tmp_path_factory.mktemp("idx-b"))
+    )
 
 
 @pytest.fixture

@@ -36,7 +36,7 @@ def dirs(tmp_path: Path, artifacts_a: Path, artifacts_b: Path) -> tuple[Path, Pa
 
 @pytest.fixture
 def server(dirs: tuple[Path, Path], tmp_path: Path) -> Iterator[ServerThread]:
-    app = create_app(settings_for(dirs[0], tmp_path, index_dir=dirs[0] / "index-hnsw"))
+    app = create_app(settings_for(dirs[0], tmp_path, index={"dir": dirs[0] / "index-hnsw"}))
     with ServerThread(app) as srv:
         wait_ready(srv.url)
         yield srv

@@ -1,4 +1,5 @@
-"""service.settings: defaults, derived paths, environment, validation messages."""
+"""service.settings: defaults, derived paths, environment (nested index settings included),
+validation messages."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import pytest
 from pydantic import ValidationError
 
 from service.index import IndexParams
-from service.settings import ServiceSettings
+from service.settings import ArtifactSettings, ServiceSettings
 
 TOKEN = "s3cret-token-0123456789"
 
@@ -31,13 +32,13 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_defaults_and_derived_paths(artifacts: Path) -> None:
     s = ServiceSettings.from_mapping({"artifacts": str(artifacts)})
-    assert (s.host, s.port, s.index_kind) == ("127.0.0.1", 8000, "hnsw")
+    assert (s.host, s.port, s.index.kind) == ("127.0.0.1", 8000, "hnsw")
     assert s.db_path == artifacts / "histories.sqlite"
-    assert s.index_dir == artifacts / "index-hnsw"
+    assert s.index.dir == artifacts / "index-hnsw"
     assert s.admin_token is None and not s.admin_enabled
     assert (s.max_k, s.max_history, s.max_batch, s.max_body_bytes) == (1000, 1000, 256, 1 << 20)
     assert s.log_level == "INFO"
-    assert s.index_params() == IndexParams(
+    assert IndexParams.of(s.index) == IndexParams(
         nlist=None, nprobe=32, hnsw_m=32, hnsw_metric="ip", ef_construction=200, ef_search=128
     )
 
@@ -46,23 +47,20 @@ def test_explicit_values(artifacts: Path, tmp_path: Path) -> None:
     s = ServiceSettings.from_mapping(
         {
             "artifacts": artifacts,
-            "index_kind": "ivf",
-            "nlist": 64,
-            "nprobe": 16,
+            "index": {"kind": "ivf", "nlist": 64, "nprobe": 16, "num_threads": 1},
             "db_path": tmp_path / "db" / "h.sqlite",
             "admin_token": TOKEN,
             "log_level": "debug",
             "port": 0,
-            "faiss_threads": 1,
         }
     )
-    assert s.index_dir == artifacts / "index-ivf"
+    assert s.index.dir == artifacts / "index-ivf"
     assert s.db_path == tmp_path / "db" / "h.sqlite"
     assert s.admin_enabled and s.admin_token is not None
     assert s.admin_token.get_secret_value() == TOKEN
     assert TOKEN not in repr(s) and TOKEN not in str(s.model_dump())
     assert s.log_level == "DEBUG"
-    params = s.index_params()
+    params = IndexParams.of(s.index)
     assert (params.nlist, params.nprobe, params.num_threads) == (64, 16, 1)
 
 
@@ -73,7 +71,7 @@ def test_environment_is_read_with_prefix(artifacts: Path, monkeypatch: pytest.Mo
     monkeypatch.setenv("SHARDREC_ADMIN_TOKEN", "")  # empty: unset
     monkeypatch.setenv("SHARDREC_SOMETHING_ELSE", "ignored")
     s = ServiceSettings()
-    assert (s.artifacts, s.port, s.index_kind, s.admin_token) == (artifacts, 9001, "exact", None)
+    assert (s.artifacts, s.port, s.index.kind, s.admin_token) == (artifacts, 9001, "exact", None)
     assert ServiceSettings(port=9002).port == 9002  # arguments win over the environment
     assert ServiceSettings.from_mapping({"artifacts": artifacts}).port == 8000  # env ignored
 
@@ -84,12 +82,13 @@ def test_environment_is_read_with_prefix(artifacts: Path, monkeypatch: pytest.Mo
         ({"artifacts": "/definitely/not/here"}, "does not exist; train a model first"),
         ({"port": 70000}, "less than or equal to 65535"),
         ({"port": -1}, "greater than or equal to 0"),
-        ({"index_kind": "lsh"}, "'exact', 'ivf' or 'hnsw'"),
-        ({"hnsw_metric": "cosine"}, "'ip' or 'l2'"),
-        ({"nlist": 0}, "greater than or equal to 1"),
-        ({"nlist": 8, "nprobe": 16}, "nprobe must be <= nlist, got nprobe=16 > nlist=8"),
-        ({"hnsw_m": 1}, "greater than or equal to 2"),
-        ({"ef_search": 0}, "greater than or equal to 1"),
+        ({"index": {"kind": "lsh"}}, "'exact', 'ivf' or 'hnsw'"),
+        ({"index": {"hnsw_metric": "cosine"}}, "'ip' or 'l2'"),
+        ({"index": {"nlist": 0}}, "greater than or equal to 1"),
+        ({"index": {"nlist": 8, "nprobe": 16}}, "nprobe must be <= nlist, got nprobe=16 > nlist=8"),
+        ({"index": {"hnsw_m": 1}}, "greater than or equal to 2"),
+        ({"index": {"ef_search": 0}}, "greater than or equal to 1"),
+        ({"index": {"efSearch": 10}}, "Extra inputs are not permitted"),
         ({"admin_token": "short"}, "admin_token must be at least 16 characters, got 5"),
         ({"max_k": 0}, "greater than or equal to 1"),
         ({"max_batch": 0}, "greater than or equal to 1"),
@@ -108,7 +107,10 @@ def test_invalid_values_are_rejected_with_the_setting_named(
         ServiceSettings.from_mapping({"artifacts": artifacts, **values})
     text = str(info.value)
     assert message in text
-    assert next(iter(values)) in text or "nprobe" in text
+    name, value = next(iter(values.items()))
+    if isinstance(value, dict):  # a nested setting is named by its path
+        name = f"{name}.{next(iter(value))}"
+    assert name in text or "nprobe" in text
 
 
 def test_artifacts_must_be_a_directory_and_db_path_a_file(artifacts: Path) -> None:
@@ -125,7 +127,7 @@ def test_artifacts_must_be_a_directory_and_db_path_a_file(artifacts: Path) -> No
 def test_serving_knobs(artifacts: Path) -> None:
     s = ServiceSettings.from_mapping({"artifacts": artifacts})
     assert (s.compute_threads, s.micro_batch, s.torch_threads) == (1, 64, None)
-    assert (s.recall_queries, s.recall_k, s.save_index) == (500, 10, True)
+    assert (s.index.recall_queries, s.index.recall_k, s.index.save) == (500, 10, True)
     assert s.reseed_on_new_model and s.access_log
     with pytest.raises(ValidationError, match="compute_threads"):
         ServiceSettings.from_mapping({"artifacts": artifacts, "compute_threads": 0})
@@ -138,3 +140,22 @@ def test_serving_knobs_from_environment(artifacts: Path, monkeypatch: pytest.Mon
     monkeypatch.setenv("SHARDREC_RESEED_ON_NEW_MODEL", "false")
     s = ServiceSettings(artifacts=artifacts)
     assert s.micro_batch == 8 and not s.reseed_on_new_model
+
+
+def test_index_settings_from_environment(artifacts: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SHARDREC_INDEX_EF_SEARCH", "7")
+    monkeypatch.setenv("SHARDREC_INDEX_NLIST", "null")
+    monkeypatch.setenv("SHARDREC_INDEX_DIR", str(artifacts / "elsewhere"))
+    monkeypatch.setenv("SHARDREC_INDEX_SAVE", "false")
+    s = ServiceSettings(artifacts=artifacts)
+    assert (s.index.ef_search, s.index.nlist, s.index.save) == (7, None, False)
+    assert s.index.dir == artifacts / "elsewhere"
+    monkeypatch.setenv("SHARDREC_INDEX_EFSEARCH", "7")  # a misspelt index variable is refused
+    with pytest.raises(ValidationError, match=r"index\.efsearch\n  Extra inputs"):
+        ServiceSettings(artifacts=artifacts)
+
+
+def test_the_index_command_needs_only_the_artifact_settings(artifacts: Path) -> None:
+    s = ArtifactSettings.from_mapping({"artifacts": artifacts, "index": {"kind": "ivf"}})
+    assert s.index.dir == artifacts / "index-ivf" and s.log_level == "INFO"
+    assert not hasattr(s, "port") and "admin_token" not in ArtifactSettings.model_fields

@@ -1,7 +1,7 @@
 """``make demo``: train the embedded default, evaluate, export, serve it and query it.
 
-    python -m service.demo                          # synthetic data (no downloads)
-    python -m service.demo --data-dir ../shared/data/ml-100k    # MovieLens-100K instead
+    python -m demo                                  # synthetic data (no downloads)
+    python -m demo --data-dir ../shared/data/ml-100k    # MovieLens-100K instead
 
 Everything it starts (the API server) is stopped before it exits.
 """
@@ -9,9 +9,12 @@ Everything it starts (the API server) is stopped before it exits.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import sys
 from pathlib import Path
+
+from demo.client import serve_and_query
 
 logger = logging.getLogger("shardrec.demo")
 
@@ -36,9 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     artifacts = train(args.data_dir, Path(args.out))
     print(f"== artifacts in {artifacts}", flush=True)
-    try:
-        from service.demo_client import serve_and_query
-    except ImportError:
+    if importlib.util.find_spec("service") is None:
         print("== the REST service is not available in this build; stopping after training.")
         return 0
     return serve_and_query(artifacts)

@@ -1,6 +1,6 @@
 """Serve an artifact directory and show what the API answers (the second half of ``make demo``).
 
-    python -m service.demo_client --artifacts runs/synthetic/artifacts
+    python -m demo.client --artifacts runs/synthetic/artifacts
 
 `serve_and_query` starts ``python -m service serve`` on a free 127.0.0.1 port, waits until the
 model is loaded, then asks it, and prints readably:
