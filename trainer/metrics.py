@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from trainer.data.dataset import Dataset, ItemSets, history_sets
+from trainer.data import Dataset, ItemSets, history_sets
 
 logger = logging.getLogger(__name__)
 

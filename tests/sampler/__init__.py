@@ -1,0 +1,1 @@
+"""Tests of :mod:`sampler`: TensorFlow parity, a float64 NumPy reference, samplers, losses."""

@@ -14,11 +14,10 @@ from typing import Literal
 import numpy as np
 import torch
 
-from trainer.data.sequences import Interactions, ItemSets, history_sets
+from trainer.data.sequences import Interactions
 from trainer.data.vocab import IdIndex, ItemVocab
 
-# ItemSets and history_sets stay importable from here for trainer.metrics.
-__all__ = ["Dataset", "IdIndex", "Interactions", "ItemSets", "ItemVocab", "Split", "history_sets"]
+__all__ = ["Dataset", "Split"]
 
 Split = Literal["train", "valid", "test"]
 
