@@ -72,7 +72,7 @@ def create_app(
         telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     app.state.service = state
-    app.add_middleware(HotRouteMiddleware, fastapi_app=app)
+    app.add_middleware(HotRouteMiddleware, routers=[recommend.router])
     app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     if settings.cors_origins:
         app.add_middleware(

@@ -13,11 +13,11 @@ claim), so both dispatchers run the same code, and errors get the app's answers
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, TypeVar
 
 import orjson
-from fastapi import FastAPI, Request, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, ValidationError
@@ -80,36 +80,41 @@ async def parse_body(request: Request, model: type[M]) -> M:
         raise RequestValidationError(errors) from None
 
 
-def hot_routes(app: FastAPI) -> dict[tuple[str, str], APIRoute]:
-    """``(method, path) -> route`` of the app's routes whose endpoint is `hot`."""
+def hot_routes(routers: Iterable[APIRouter]) -> dict[tuple[str, str], APIRoute]:
+    """``(method, path) -> route`` of the routes of ``routers`` whose endpoint is `hot` (paths
+    with the routers' prefixes; the app includes the routers without another prefix)."""
     found = {}
-    for route in app.routes:
-        if isinstance(route, APIRoute) and getattr(route.endpoint, _HOT, False):
-            for method in route.methods:
-                found[(method, route.path)] = route
+    for router in routers:
+        for route in router.routes:
+            if isinstance(route, APIRoute) and getattr(route.endpoint, _HOT, False):
+                for method in route.methods:
+                    found[(method, route.path)] = route
     return found
 
 
 class HotRouteMiddleware:
-    """ASGI middleware answering the `hot` routes of ``fastapi_app`` directly.
+    """ASGI middleware answering the `hot` routes of ``routers`` directly.
 
     Installed innermost among the user middleware: request ids, metrics (``scope["route"]`` is
     set, so requests count under the route's template), CORS and the body size limit still wrap
-    it.
+    it. ``hits`` counts the requests it answered.
     """
 
-    def __init__(self, app: ASGIApp, fastapi_app: FastAPI) -> None:
+    def __init__(self, app: ASGIApp, routers: Iterable[APIRouter]) -> None:
         self.app = app
-        self.fastapi_app = fastapi_app
-        self._routes: dict[tuple[str, str], APIRoute] | None = None
+        self.routes = hot_routes(routers)
+        if not self.routes:
+            raise ValueError(
+                "HotRouteMiddleware got no @hot route; pass the routers that have them"
+            )
+        self.hits = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            if self._routes is None:
-                self._routes = hot_routes(self.fastapi_app)
-            route = self._routes.get((scope["method"], scope["path"]))
+            route = self.routes.get((scope["method"], scope["path"]))
             if route is not None and not scope.get("root_path"):
                 scope["route"] = route
+                self.hits += 1
                 request = Request(scope, receive)
                 try:
                     response = await route.endpoint(request)

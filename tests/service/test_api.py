@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from service.app import create_app
+from service.hotpath import HotRouteMiddleware
 from service.requestid import RequestIdFilter
 from service.settings import ServiceSettings
 from service.state import default_model_factory
@@ -187,6 +188,36 @@ def test_batch_matches_single_requests(client: httpx.Client) -> None:
         assert item_ids(got) == item_ids(single)
         assert got["unknown_items"] == single["unknown_items"]
     assert body["model_version"] == singles[0]["model_version"]
+
+
+def hot_dispatcher(app) -> HotRouteMiddleware:
+    layer = app.middleware_stack
+    while not isinstance(layer, HotRouteMiddleware):
+        layer = layer.app
+    return layer
+
+
+def test_hot_routes_are_answered_without_the_router(
+    server: ServerThread, client: httpx.Client
+) -> None:
+    hot = hot_dispatcher(server.server.config.app)
+    assert set(hot.routes) == {("POST", "/v1/recommend"), ("POST", "/v1/recommend/batch")}
+    before = hot.hits
+    assert client.post("/v1/recommend", json={"user_id": "1"}).status_code == 200
+    assert (
+        client.post("/v1/recommend/batch", json={"requests": [{"history": []}]}).status_code == 200
+    )
+    assert client.post("/v1/recommend", json={"k": 0}).status_code == 422
+    assert hot.hits == before + 3
+    assert client.get("/v1/recommend").status_code == 405  # other methods: the router
+    assert client.post("/v1/recommend/", json={"user_id": "1"}).status_code in (307, 404)
+    assert hot.hits == before + 3
+    r = client.post(
+        "/v1/recommend", content=b'{"user_id": "1"}', headers={"content-type": "text/plain"}
+    )
+    assert r.status_code == 422 and errors(r)[0][0] == "body"
+    r = client.post("/v1/recommend")
+    assert r.status_code == 422 and errors(r) == [("body", "Field required")]
 
 
 # ---------------------------------------------------------------------- refusals
