@@ -51,6 +51,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -364,22 +365,15 @@ async def _load(
     }
 
 
-def run_load(
-    host: str,
-    port: int,
-    requests: list[bytes],
-    rate: float | None,
-    duration: float,
-    connections: int,
-) -> dict[str, object]:
-    """Entry point of the load-generator process."""
+def run_load(*args: Any) -> dict[str, object]:
+    """Entry point of the load-generator process: `_load` of ``args`` under uvloop."""
     try:
         import uvloop
 
         uvloop.install()
     except ImportError:
         pass
-    return asyncio.run(_load(host, port, requests, rate, duration, connections))
+    return asyncio.run(_load(*args))
 
 
 # ---------------------------------------------------------------------- server

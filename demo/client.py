@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
-import json
 import logging
 import os
 import secrets
@@ -36,7 +35,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
-from service.launch import LaunchError, LocalServer, launch
+from service.launch import LaunchError, LocalServer, launch, request_json
 
 logger = logging.getLogger(__name__)
 
@@ -59,22 +58,8 @@ class Api:
         self.api_key = api_key
 
     def request(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
-        data = None if body is None else json.dumps(body).encode()
-        headers = {"Content-Type": "application/json", "Accept": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        req = urllib.request.Request(
-            self.base_url + path, data=data, method=method, headers=headers
-        )
-        try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as r:
-                return r.status, json.loads(r.read() or b"null")
-        except urllib.error.HTTPError as e:
-            text = e.read().decode("utf-8", "replace")
-            try:
-                return e.code, json.loads(text)
-            except ValueError:
-                return e.code, text
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else None
+        return request_json(self.base_url + path, method, body, headers, self.timeout)
 
     def call(self, method: str, path: str, body: Any = None) -> Any:
         status, answer = self.request(method, path, body)

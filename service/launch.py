@@ -61,10 +61,20 @@ def serve_argv(
     ]
 
 
-def get_json(url: str, timeout: float = 5.0) -> tuple[int, Any]:
-    """(status, decoded JSON body or text) of a GET to ``url``, never through a proxy."""
+def request_json(
+    url: str,
+    method: str = "GET",
+    body: Any = None,
+    headers: Mapping[str, str] | None = None,
+    timeout: float = 5.0,
+) -> tuple[int, Any]:
+    """(status, decoded JSON answer or its text) of a request with a JSON ``body``, never
+    through a proxy; raises OSError when nothing answers."""
+    data = None if body is None else json.dumps(body).encode()
+    sent = {"Content-Type": "application/json", "Accept": "application/json", **(headers or {})}
+    req = urllib.request.Request(url, data=data, method=method, headers=sent)
     try:
-        with _NO_PROXY.open(url, timeout=timeout) as r:
+        with _NO_PROXY.open(req, timeout=timeout) as r:
             return r.status, json.loads(r.read() or b"null")
     except urllib.error.HTTPError as e:
         text = e.read().decode("utf-8", "replace")
@@ -153,7 +163,7 @@ class LocalServer:
                     f"the API server exited with {self.proc.returncode}:\n{self.tail()}"
                 )
             try:
-                code, body = get_json(f"{self.url}/readyz", timeout=2)
+                code, body = request_json(f"{self.url}/readyz", timeout=2)
             except OSError:  # not listening yet
                 code, body = 0, None
             if code == 200:

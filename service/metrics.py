@@ -90,73 +90,58 @@ class ServiceMetrics:
         many = self.multiprocess_dir is not None
         buckets = tuple(latency_buckets)
         labels = ("method", "route", "status")
+        own = {"namespace": namespace, "registry": self.registry}
+        latest = {**own, "multiprocess_mode": "livemostrecent"}
         self.requests = Counter(
             "http_requests",
             "HTTP requests handled, by method, route template and status code.",
             labels,
-            namespace=namespace,
-            registry=self.registry,
+            **own,
         )
         self.latency = Histogram(
             "http_request_duration_seconds",
             "HTTP request latency until the response is fully sent, in seconds.",
             labels,
-            namespace=namespace,
-            registry=self.registry,
             buckets=buckets,
+            **own,
         )
         self.in_flight = Gauge(
             "http_requests_in_flight",
             "HTTP requests being handled.",
-            namespace=namespace,
-            registry=self.registry,
             multiprocess_mode="livesum",
+            **own,
         )
         self.model_info = Gauge(
             "model_info",
-            "The model being served (value 1), by model version and index kind.",
+            "The model being served (value 1), by model version and index kind (and pid, with "
+            "several worker processes).",
             ("version", "index_kind"),
-            namespace=namespace,
-            registry=self.registry,
             multiprocess_mode="liveall",
+            **own,
         )
-        self.model_items = Gauge(
-            "model_items",
-            "Number of items in the serving index.",
-            namespace=namespace,
-            registry=self.registry,
-            multiprocess_mode="livemostrecent",
-        )
+        self.model_items = Gauge("model_items", "Number of items in the serving index.", **latest)
         self.index_recall = Gauge(
             "index_recall",
             "Recall@k of the serving index against exact search, measured at index build "
             "(1 for exact; NaN when unknown).",
-            namespace=namespace,
-            registry=self.registry,
-            multiprocess_mode="livemostrecent",
+            **latest,
         )
         self.model_loaded = Gauge(
-            "model_loaded_timestamp_seconds",
-            "Unix time the serving model was loaded.",
-            namespace=namespace,
-            registry=self.registry,
-            multiprocess_mode="livemostrecent",
+            "model_loaded_timestamp_seconds", "Unix time the serving model was loaded.", **latest
         )
         self.search_latency = Histogram(
             "search_duration_seconds",
             "Time spent in index search per call (a batch counts once), in seconds.",
             ("index_kind",),
-            namespace=namespace,
-            registry=self.registry,
             buckets=buckets,
+            **own,
         )
         self.batch_size = Histogram(
             "batch_size",
             "User queries answered per encoder + index batch (requests arriving together are "
             "coalesced).",
-            namespace=namespace,
-            registry=self.registry,
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
+            **own,
         )
         if process_metrics and not many:
             ProcessCollector(namespace=namespace, registry=self.registry)

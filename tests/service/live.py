@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import subprocess
 import sys
 import tempfile
 import threading
@@ -27,6 +28,18 @@ from fastapi import FastAPI
 from tests.procs import NotYet, Proc, free_port, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
+
+
+def run_python(args: Sequence[str], timeout: float) -> subprocess.CompletedProcess:
+    """``python <args>`` in the checkout, its output captured (not checked)."""
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 def train_tiny(out_dir: Path, seed: int) -> Path:

@@ -6,8 +6,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +14,7 @@ from service.cli import main, settings_environment
 from service.index import IndexSettings
 from service.loading import load_model
 from service.settings import ServiceSettings
-from tests.service.live import REPO
+from tests.service.live import run_python
 
 
 @pytest.fixture
@@ -58,9 +56,8 @@ def test_index_builds_measures_and_saves(model_dir: Path, capsys: pytest.Capture
 
 
 def test_index_hnsw_as_a_subprocess(model_dir: Path) -> None:
-    done = subprocess.run(
+    done = run_python(
         [
-            sys.executable,
             "-m",
             "service",
             "index",
@@ -75,11 +72,7 @@ def test_index_hnsw_as_a_subprocess(model_dir: Path) -> None:
             "--ef-search",
             "32",
         ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
         timeout=120,
-        check=False,
     )
     assert done.returncode == 0, done.stderr
     assert "hnsw index of 300 items" in done.stdout and "'hnsw_m': 8" in done.stdout
