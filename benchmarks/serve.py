@@ -379,16 +379,16 @@ def run_load(*args: Any) -> dict[str, object]:
 # ---------------------------------------------------------------------- server
 
 
+def index_flags(args: argparse.Namespace) -> list[str]:
+    """The HNSW index of the benchmark, as ``serve`` / ``index`` flags."""
+    return ["--kind", "hnsw", "--m", str(args.m), "--ef-construction", str(args.ef_construction)]
+
+
 def server_flags(args: argparse.Namespace, db: Path, workers: int) -> list[str]:
     return [
         "--db-path",
         str(db),
-        "--kind",
-        "hnsw",
-        "--m",
-        str(args.m),
-        "--ef-construction",
-        str(args.ef_construction),
+        *index_flags(args),
         "--ef-search",
         str(args.ef_search),
         "--faiss-threads",
@@ -685,12 +685,7 @@ def reload_under_load(args: argparse.Namespace) -> list[list[object]]:
                 "index",
                 "--artifacts",
                 str(artifacts),
-                "--kind",
-                "hnsw",
-                "--m",
-                str(args.m),
-                "--ef-construction",
-                str(args.ef_construction),
+                *index_flags(args),
                 "--recall-queries",
                 "100",
             ],
