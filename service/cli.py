@@ -4,7 +4,9 @@
 exact search on the model's own user vectors, saves it as ``<artifacts>/index-<kind>`` (which
 ``serve`` then loads instead of rebuilding) and prints the recall.
 
-``serve`` runs the API with uvicorn.
+``serve`` runs the API with uvicorn; ``--workers N`` runs N processes that share the history
+store, the model pointer (a reload through any of them moves all, see `service.fleet`) and
+their Prometheus metrics (a fresh ``PROMETHEUS_MULTIPROC_DIR``, removed at exit).
 
 The flags are generated from the settings (`service.settings`, pydantic-settings' CLI source):
 every field is a flag (``--port``, ``--index.ef-search``), with the short spellings of
@@ -21,6 +23,7 @@ import logging
 import os
 import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -28,6 +31,8 @@ from typing import Any
 from pydantic import ValidationError
 from pydantic_settings import CliSettingsSource
 
+from service.metrics import MULTIPROC_ENV
+from service.requestid import setup_logging
 from service.settings import ArtifactSettings, ServiceSettings
 
 logger = logging.getLogger(__name__)
@@ -48,7 +53,7 @@ SHORTCUTS: dict[str, str] = {
     "index.recall-k": "recall-k",
 }
 # Settings read from the environment only.
-ENV_ONLY = ("admin_token",)
+ENV_ONLY = ("admin_token", "api_keys", "redis_url")
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, CliSettingsSource]]:
@@ -73,7 +78,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, CliSettingsSource
         "--workers",
         type=int,
         default=1,
-        help="uvicorn worker processes (each loads the model; admin reload needs 1)",
+        help="uvicorn worker processes (each loads the model; they share the history store, "
+        "the model version and the metrics)",
     )
     sources = {
         "index": _flags(ArtifactSettings, index, {**SHORTCUTS, "index.dir": "out"}),
@@ -125,21 +131,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_serve(settings, args.workers)
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-
-
 def run_index(settings: ArtifactSettings) -> int:
     """Build the index of ``settings.artifacts``, print its recall, save it; 0 on success."""
     from service.index import set_num_threads
     from service.loading import load_or_build_index
     from trainer.artifacts import ArtifactError, check_artifacts, load_artifacts
 
-    _setup_logging(settings.log_level)
+    setup_logging(settings.log_level)
     index = settings.index
     try:
         set_num_threads(index.num_threads)
@@ -176,15 +174,10 @@ def run_serve(settings: ServiceSettings, workers: int = 1) -> int:
 
     from service.app import create_app
 
-    if workers < 1 or (workers > 1 and settings.admin_enabled):
-        print(
-            f"error: --workers must be >= 1, and 1 when SHARDREC_ADMIN_TOKEN is set (got "
-            f"{workers}): a reload swaps the model of the one worker that receives it; "
-            "restart the workers to change the model instead",
-            file=sys.stderr,
-        )
+    if workers < 1:
+        print(f"error: --workers must be >= 1, got {workers}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    _setup_logging(settings.log_level)
+    setup_logging(settings.log_level)
     logger.info("serving %s on http://%s:%d", settings.artifacts, settings.host, settings.port)
     common = {
         "host": settings.host,
@@ -197,9 +190,15 @@ def run_serve(settings: ServiceSettings, workers: int = 1) -> int:
     if workers == 1:
         uvicorn.run(create_app(settings), **common)
         return 0
-    # Worker processes build their app from the environment: hand them these settings.
+    # Worker processes build their app from the environment: hand them these settings, and a
+    # fresh directory for their shared metrics.
     os.environ.update(settings_environment(settings))
-    uvicorn.run("service.app:create_app_from_env", factory=True, workers=workers, **common)
+    metrics_dir = tempfile.mkdtemp(prefix="shardrec-metrics-")
+    os.environ[MULTIPROC_ENV] = metrics_dir
+    try:
+        uvicorn.run("service.app:create_app_from_env", factory=True, workers=workers, **common)
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0
 
 
@@ -211,5 +210,7 @@ def settings_environment(settings: ServiceSettings) -> dict[str, str]:
         items = value.items() if isinstance(value, dict) else [(None, value)]
         for sub, v in items:
             key = f"SHARDREC_{name}_{sub}" if sub else f"SHARDREC_{name}"
+            if isinstance(v, list):
+                v = ",".join(map(str, v))
             env[key.upper()] = "null" if v is None else str(v)
     return env

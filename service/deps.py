@@ -26,6 +26,12 @@ _bearer = HTTPBearer(
     scheme_name="AdminToken",
     description="The admin token (SHARDREC_ADMIN_TOKEN) as `Authorization: Bearer <token>`.",
 )
+_api_key = HTTPBearer(
+    auto_error=False,
+    scheme_name="ApiKey",
+    description="An API key (SHARDREC_API_KEYS) as `Authorization: Bearer <key>`: needed by "
+    "event writes, and by reads when SHARDREC_AUTH_READS is true.",
+)
 
 
 async def get_state(request: Request) -> ServiceState:
@@ -92,6 +98,63 @@ async def require_admin(
 
 
 AdminDep = Depends(require_admin)
+
+
+def bearer_credentials(request: Request) -> HTTPAuthorizationCredentials | None:
+    """The ``Authorization: Bearer <credentials>`` of ``request`` (None without one), as
+    ``HTTPBearer(auto_error=False)`` reads it, for endpoints without dependencies."""
+    scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not credentials.strip():
+        return None
+    return HTTPAuthorizationCredentials(scheme=scheme, credentials=credentials.strip())
+
+
+def check_api_key(
+    settings: ServiceSettings, credentials: HTTPAuthorizationCredentials | None, what: str
+) -> None:
+    """401 without a key, 403 with a wrong one (or the admin token) or while none is set."""
+    keys = settings.api_key_set()
+    if not keys:
+        raise HTTPException(
+            status.HTTP_403_FORBIDDEN,
+            f"{what} are disabled: set SHARDREC_API_KEYS to enable them",
+        )
+    if credentials is None:
+        raise HTTPException(
+            status.HTTP_401_UNAUTHORIZED,
+            f"missing API key: {what} need 'Authorization: Bearer <key>' with a key of "
+            "SHARDREC_API_KEYS",
+            {"WWW-Authenticate": "Bearer"},
+        )
+    given = credentials.credentials.encode()
+    # Compare with every key (no early exit: the time does not tell which key is close).
+    found = False
+    for key in keys:
+        found |= hmac.compare_digest(given, key.encode())
+    if not found:
+        logger.warning("%s with a wrong API key refused", what)
+        raise HTTPException(status.HTTP_403_FORBIDDEN, "wrong API key")
+
+
+async def require_writer(
+    settings: SettingsDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_api_key)],
+) -> None:
+    """An API key for event writes."""
+    check_api_key(settings, credentials, "event writes")
+
+
+async def require_reader(
+    settings: SettingsDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_api_key)],
+) -> None:
+    """An API key for reads when ``auth_reads`` is on; nothing otherwise."""
+    if settings.auth_reads:
+        check_api_key(settings, credentials, "reads")
+
+
+WriterDep = Depends(require_writer)
+ReaderDep = Depends(require_reader)
 
 
 def check_limits(limits: list) -> None:

@@ -217,21 +217,10 @@ class Model:
 
     def _prepare(self, query: UserQuery) -> _Prepared:
         _check_k(query.k)
-        known: list[int] = []
         unknown: list[str] = []
-        for item in query.history:
-            row = self._item_row.get(item)
-            if row is None:
-                unknown.append(item)
-            else:
-                known.append(row)
+        known = self._rows(query.history, unknown)
         excluded = set(known) if query.exclude_history else set()
-        for item in query.exclude:
-            row = self._item_row.get(item)
-            if row is None:
-                unknown.append(item)
-            else:
-                excluded.add(row)
+        excluded.update(self._rows(query.exclude, unknown))
         codes, ignored = self._codes(query.user_id, query.features)
         return _Prepared(
             history=known[-self.max_history :],
@@ -240,6 +229,18 @@ class Model:
             unknown_items=list(dict.fromkeys(unknown)),
             ignored_features=ignored,
         )
+
+    def _rows(self, item_ids: Sequence[str], unknown: list[str]) -> list[int]:
+        """The internal rows of the known ``item_ids``, in order; the others go to ``unknown``."""
+        rows = []
+        get = self._item_row.get
+        for item in item_ids:
+            row = get(item)
+            if row is None:
+                unknown.append(item)
+            else:
+                rows.append(row)
+        return rows
 
     def _codes(
         self, user_id: str | None, features: Mapping[str, str] | None

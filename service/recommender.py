@@ -60,9 +60,13 @@ def seed_store(store: HistoryStore, model: Model, reseed_on_new_model: bool = Tr
     differs from ``model``'s (replacing the stored histories, see `HistoryStore.seed`);
     otherwise only an empty store is seeded. Idempotent for one model version.
     """
-    artifacts = model.artifacts
     version = model.model_version if reseed_on_new_model else None
-    return store.seed_rows(artifacts.histories(), version)
+    if store.num_users() and (version is None or store.model_version() == version):
+        logger.info(
+            "history store already seeded (model version %s); seed skipped", store.model_version()
+        )
+        return 0  # seeded already: spare reading the training histories
+    return store.seed_rows(model.artifacts.histories(), version)
 
 
 class Recommender:
@@ -103,8 +107,7 @@ class Recommender:
         explicit ``history``.
         """
         model = self._model
-        resolved = [self._with_stored_history(q) for q in queries]
-        return model.recommend(resolved, on_search=self._on_search)
+        return model.recommend(self._with_stored_histories(queries), on_search=self._on_search)
 
     def similar(self, item_id: str, k: int) -> tuple[str, list[ScoredItem]]:
         """(model version, the ``k`` items nearest to ``item_id``); see `Model.similar`."""
@@ -143,9 +146,15 @@ class Recommender:
         return previous
 
     def reload(
-        self, path: Path, loader: ModelLoader, reseed_on_new_model: bool = True
+        self,
+        path: Path,
+        loader: ModelLoader,
+        reseed_on_new_model: bool = True,
+        *,
+        seed: bool = True,
     ) -> ReloadResult:
-        """Load the artifacts at ``path`` with ``loader``, seed the store, then swap.
+        """Load the artifacts at ``path`` with ``loader``, seed the store (unless ``seed`` is
+        False: another process of the fleet did), then swap.
 
         Raises:
             ReloadInProgressError: another reload is running.
@@ -158,7 +167,7 @@ class Recommender:
         try:
             start = time.perf_counter()
             model = loader(Path(path))
-            seeded = seed_store(self.store, model, reseed_on_new_model)
+            seeded = seed_store(self.store, model, reseed_on_new_model) if seed else 0
             previous = self.swap(model)
             return ReloadResult(
                 previous_version=previous.model_version,
@@ -169,10 +178,17 @@ class Recommender:
         finally:
             self._reload_lock.release()
 
-    def _with_stored_history(self, query: UserQuery) -> UserQuery:
-        if query.user_id is None:
-            return query
-        stored = self.store.history(query.user_id, self.history_limit)
-        if not stored:
-            return query
-        return dataclasses.replace(query, history=[*stored, *query.history])
+    def _with_stored_histories(self, queries: Sequence[UserQuery]) -> list[UserQuery]:
+        """``queries`` with their users' stored histories in front (one store read)."""
+        users = [q.user_id for q in queries if q.user_id is not None]
+        if not users:
+            return list(queries)
+        stored = iter(self.store.histories(users, self.history_limit))
+        out = []
+        for query in queries:
+            if query.user_id is not None:
+                history = next(stored)
+                if history:
+                    query = dataclasses.replace(query, history=[*history, *query.history])
+            out.append(query)
+        return out

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
+from fastapi import Path
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -34,6 +35,14 @@ def _utf8(value: str) -> str:
     except UnicodeEncodeError:
         raise ValueError("must be valid Unicode text (no lone surrogates)") from None
     return value
+
+
+def path_id(description: str) -> Any:
+    """A path parameter holding an id (same constraints as `Id`)."""
+    return Annotated[
+        str,
+        Path(min_length=1, max_length=MAX_ID_CHARS, pattern=ID_PATTERN, description=description),
+    ]
 
 
 Id = Annotated[

@@ -17,10 +17,15 @@ import contextvars
 import logging
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
 from service.index import IndexSettings
 
@@ -148,12 +153,54 @@ class ServiceSettings(ArtifactSettings):
         "with the new model's training histories; False seeds only an empty store and keeps "
         "every appended event across model versions.",
     )
+    store: Literal["sqlite", "redis"] = Field(
+        "sqlite",
+        description="History store: 'sqlite' (embedded file, one machine: one process or "
+        "--workers N) or 'redis' (shared by replicas on several machines).",
+    )
+    redis_url: SecretStr = Field(
+        SecretStr("redis://127.0.0.1:6379/0"),
+        description="Redis server of store='redis' (environment only: it may hold a password).",
+    )
+    redis_prefix: str = Field(
+        "shardrec:",
+        min_length=1,
+        max_length=128,
+        pattern=r"^[^\s\x00]+$",
+        description="Prefix of every Redis key (deployments sharing a server use their own).",
+    )
+    reload_poll_s: float = Field(
+        0.5,
+        ge=0.05,
+        le=60.0,
+        description="How often each process checks the store's model pointer (a reload through "
+        "another worker or replica moves it).",
+    )
     admin_token: SecretStr | None = Field(
         None,
         description=(
             f"Bearer token of the admin routes (>= {MIN_ADMIN_TOKEN_CHARS} characters); "
             "admin routes are refused while unset."
         ),
+    )
+    api_keys: SecretStr | None = Field(
+        None,
+        description=(
+            "Comma-separated API keys (each >= "
+            f"{MIN_ADMIN_TOKEN_CHARS} characters, none equal to the admin token) accepted as "
+            "'Authorization: Bearer <key>' on event writes (and reads with auth_reads); event "
+            "writes are refused while unset."
+        ),
+    )
+    auth_reads: bool = Field(
+        False,
+        description="Also require an API key on recommendations, similar items, histories and "
+        "the model summary.",
+    )
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Origins allowed by CORS (e.g. https://app.example.com, or * for any); "
+        "empty: no CORS headers (browsers on other origins are refused).",
     )
 
     max_k: int = Field(1000, ge=1, le=100_000, description="Largest k a request may ask for.")
@@ -166,7 +213,7 @@ class ServiceSettings(ArtifactSettings):
     max_batch: int = Field(256, ge=1, le=100_000, description="Most users per batch request.")
     access_log: bool = Field(True, description="Log every request (uvicorn's access log).")
 
-    @field_validator("admin_token", mode="before")
+    @field_validator("admin_token", "api_keys", mode="before")
     @classmethod
     def _empty_token_is_unset(cls, value: object) -> object:
         if isinstance(value, SecretStr):
@@ -187,6 +234,29 @@ class ServiceSettings(ArtifactSettings):
             )
         return value
 
+    @field_validator("api_keys")
+    @classmethod
+    def _key_lengths(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None:
+            return None
+        keys = [k.strip() for k in value.get_secret_value().split(",")]
+        short = [i for i, k in enumerate(keys) if len(k) < MIN_ADMIN_TOKEN_CHARS]
+        if short:
+            raise ValueError(
+                f"api_keys must be comma-separated keys of at least {MIN_ADMIN_TOKEN_CHARS} "
+                f"characters, got {len(keys)} key(s), number(s) {[i + 1 for i in short]} too "
+                "short; generate each with `python -c 'import secrets; "
+                "print(secrets.token_urlsafe(32))'`"
+            )
+        return SecretStr(",".join(keys))
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [v.strip() for v in value.split(",") if v.strip()]
+        return value
+
     @field_validator("db_path")
     @classmethod
     def _expand(cls, value: Path | None) -> Path | None:
@@ -202,6 +272,24 @@ class ServiceSettings(ArtifactSettings):
                 f"SHARDREC_DB_PATH to a file such as {str(self.db_path / DB_FILE)!r}"
             )
         return self
+
+    @model_validator(mode="after")
+    def _keys_are_not_the_admin_token(self) -> ServiceSettings:
+        if (
+            self.admin_token is not None
+            and self.admin_token.get_secret_value() in self.api_key_set()
+        ):
+            raise ValueError(
+                "api_keys must not contain the admin token: use a separate credential for "
+                "event writes (SHARDREC_API_KEYS) and for the admin routes (SHARDREC_ADMIN_TOKEN)"
+            )
+        return self
+
+    def api_key_set(self) -> frozenset[str]:
+        """The accepted API keys (empty while ``api_keys`` is unset)."""
+        if self.api_keys is None:
+            return frozenset()
+        return frozenset(self.api_keys.get_secret_value().split(","))
 
     @property
     def admin_enabled(self) -> bool:

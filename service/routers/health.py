@@ -27,7 +27,11 @@ async def readyz(state: StateDep) -> ReadyResponse | JSONResponse:
     if state.recommender is None:
         body = ReadyResponse(status=state.status, detail=state.error)
         return JSONResponse(body.model_dump(), status_code=503)
-    return ReadyResponse(status="ready", model_version=state.recommender.model.model_version)
+    return ReadyResponse(
+        status="ready",
+        model_version=state.recommender.model.model_version,
+        detail=state.follow_error and f"could not move to the published {state.follow_error}",
+    )
 
 
 @router.get("/metrics", response_class=Response)

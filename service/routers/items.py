@@ -4,26 +4,16 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Path, Query, status
+from fastapi import APIRouter, HTTPException, Query, status
 from starlette.concurrency import run_in_threadpool
 
-from service.deps import RecommenderDep, SettingsDep, check_limits
+from service.deps import ReaderDep, RecommenderDep, SettingsDep, check_limits
 from service.queries import UnknownItemError
-from service.schemas import (
-    HARD_MAX_LIST,
-    ID_PATTERN,
-    MAX_ID_CHARS,
-    ErrorResponse,
-    ScoredItemOut,
-    SimilarResponse,
-)
+from service.schemas import HARD_MAX_LIST, ErrorResponse, ScoredItemOut, SimilarResponse, path_id
 
-router = APIRouter(prefix="/v1/items", tags=["items"])
+router = APIRouter(prefix="/v1/items", tags=["items"], dependencies=[ReaderDep])
 
-ItemIdPath = Annotated[
-    str,
-    Path(min_length=1, max_length=MAX_ID_CHARS, pattern=ID_PATTERN, description="Item id."),
-]
+ItemIdPath = path_id("Item id.")
 
 
 @router.get(

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from service.deps import RecommenderDep
+from service.deps import ReaderDep, RecommenderDep
 from service.schemas import ModelResponse
 
-router = APIRouter(prefix="/v1", tags=["model"])
+router = APIRouter(prefix="/v1", tags=["model"], dependencies=[ReaderDep])
 
 
 @router.get("/model", response_model=ModelResponse)

@@ -4,34 +4,41 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Query
+from fastapi import APIRouter, Query
 from starlette.concurrency import run_in_threadpool
 
-from service.deps import RecommenderDep, SettingsDep, check_limits
+from service.deps import ReaderDep, RecommenderDep, SettingsDep, WriterDep, check_limits
 from service.schemas import (
     HARD_MAX_LIST,
-    ID_PATTERN,
-    MAX_ID_CHARS,
+    ErrorResponse,
     EventsRequest,
     EventsResponse,
     HistoryResponse,
+    path_id,
 )
 
 router = APIRouter(prefix="/v1/users", tags=["users"])
 
-UserIdPath = Annotated[
-    str,
-    Path(min_length=1, max_length=MAX_ID_CHARS, pattern=ID_PATTERN, description="User id."),
-]
+UserIdPath = path_id("User id.")
+CREDENTIAL_ERRORS: dict[int | str, dict] = {
+    401: {"model": ErrorResponse, "description": "Missing API key."},
+    403: {"model": ErrorResponse, "description": "Wrong API key, or event writes disabled."},
+}
 
 
-@router.post("/{user_id}/events", response_model=EventsResponse)
+@router.post(
+    "/{user_id}/events",
+    response_model=EventsResponse,
+    dependencies=[WriterDep],
+    responses=CREDENTIAL_ERRORS,
+)
 async def append_events(
     user_id: UserIdPath, body: EventsRequest, recommender: RecommenderDep, settings: SettingsDep
 ) -> EventsResponse:
-    """Append watches to the user's history; the next recommendation uses them.
+    """Append watches to the user's history; the next recommendation, from any process of the
+    deployment, uses them. Needs an API key (`Authorization: Bearer <key>`).
 
-    The events are durable (SQLite WAL, fsynced) when the response is sent.
+    The events are durable when the response is sent (SQLite WAL fsynced, or Redis's AOF).
     """
     check_limits([(("body", "items"), len(body.items), settings.max_history, "max_history")])
     result = await run_in_threadpool(
@@ -46,7 +53,12 @@ async def append_events(
     )
 
 
-@router.get("/{user_id}/history", response_model=HistoryResponse)
+@router.get(
+    "/{user_id}/history",
+    response_model=HistoryResponse,
+    dependencies=[ReaderDep],
+    responses=CREDENTIAL_ERRORS,
+)
 async def history(
     user_id: UserIdPath,
     recommender: RecommenderDep,

@@ -1,25 +1,45 @@
-"""Real servers for the service tests: uvicorn in a thread or in a subprocess, on 127.0.0.1.
+"""Real servers for the service tests: uvicorn in a thread or in a subprocess, and redis-server,
+on 127.0.0.1.
 
-Both bind a free loopback port and are always stopped by their fixtures; the subprocess and the
-waits are tests/procs.py's.
+Each binds a free loopback port and is always stopped by its fixture, by pid; the subprocesses
+and the waits are tests/procs.py's. `RedisServer` skips the test, saying why, when redis-server
+is not installed (``make install`` installs it where it can).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import subprocess
 import sys
 import tempfile
 import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import pytest
 import uvicorn
 from fastapi import FastAPI
 
 from tests.procs import NotYet, Proc, free_port, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
+
+
+def run_python(args: Sequence[str], timeout: float) -> subprocess.CompletedProcess:
+    """``python <args>`` in the checkout, its output captured (not checked)."""
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 def train_tiny(out_dir: Path, seed: int) -> Path:
@@ -85,6 +105,76 @@ class ServerThread:
         assert not self._thread.is_alive(), "uvicorn thread did not stop"
 
 
+class RedisServer:
+    """``redis-server`` on a free 127.0.0.1 port with its own data directory ``data_dir``,
+    append-only file fsynced before every answer (``appendfsync always``). `kill` is a SIGKILL;
+    `start` again reuses the directory (what survived is what the AOF holds)."""
+
+    def __init__(self, data_dir: Path, fsync: str = "always") -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            pytest.skip(
+                "redis-server is not installed (make install installs it with apt-get when "
+                "run as root; or apt-get install -y redis-server)"
+            )
+        self.binary = binary
+        self.data_dir = data_dir
+        self.fsync = fsync
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: Proc | None = None
+
+    def start(self) -> RedisServer:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        argv = [
+            self.binary,
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--dir",
+            str(self.data_dir),
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            self.fsync,
+            "--save",
+            "",
+            "--daemonize",
+            "no",
+            "--protected-mode",
+            "yes",
+        ]
+        self.proc = Proc(argv, self.data_dir / "redis.log", name="redis-server")
+
+        def pong() -> None:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
+                    sock.sendall(b"PING\r\n")
+                    if not sock.recv(64).startswith(b"+PONG"):
+                        raise NotYet("no PONG")
+            except OSError as e:
+                raise NotYet(repr(e)) from e
+
+        wait_until(pong, f"redis-server on port {self.port}", 30, self.proc)
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown, no final fsync."""
+        assert self.proc is not None
+        self.proc.kill()
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.stop()
+
+    def __enter__(self) -> RedisServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
 class ServerProcess:
     """``python -m service serve`` in a subprocess of its own process group (`tests.procs.Proc`),
     its output in ``log`` (a temporary file, removed at the end, when none is given)."""
@@ -137,3 +227,59 @@ def wait_ready(url: str, timeout: float = 60.0, proc: Proc | None = None) -> Non
         raise NotYet(r.text)
 
     wait_until(ready, f"{url} ready", timeout, proc)
+
+
+class Hammer:
+    """Threads posting ``/v1/recommend`` in a loop to ``urls`` (thread ``w`` to
+    ``urls[w % len(urls)]``); records ``(start, end, status, version or error, url)``."""
+
+    def __init__(self, urls: str | Sequence[str], threads: int = 6) -> None:
+        self.urls = [urls] if isinstance(urls, str) else list(urls)
+        self.threads = threads
+        self.records: list[tuple[float, float, int, str | None, str]] = []
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(threads)
+        self._futures: list = []
+
+    def _loop(self, worker: int) -> None:
+        url = self.urls[worker % len(self.urls)]
+        with httpx.Client(base_url=url, timeout=30) as client:
+            i = 0
+            while not self._stop.is_set():
+                i += 1
+                payload = {"user_id": str(1 + (worker * 97 + i) % 600), "k": 10}
+                if i % 3 == 0:
+                    payload = {"history": [str(1 + i % 300)], "k": 5}
+                start = time.monotonic()
+                try:
+                    r = client.post("/v1/recommend", json=payload)
+                    status = r.status_code
+                    version = r.json().get("model_version") if status == 200 else r.text
+                except httpx.HTTPError as e:
+                    status, version = -1, repr(e)
+                with self._lock:
+                    self.records.append((start, time.monotonic(), status, version, url))
+
+    def __enter__(self) -> Hammer:
+        self._futures = [self._pool.submit(self._loop, w) for w in range(self.threads)]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for f in self._futures:
+            f.result()
+        self._pool.shutdown()
+
+    def wait_for(self, count: int, timeout: float = 60) -> None:
+        """Until ``count`` more requests have been answered."""
+        target = len(self.records) + count
+
+        def enough() -> None:
+            if len(self.records) < target:
+                raise NotYet(f"{len(self.records)} of {target} requests")
+
+        wait_until(enough, f"{count} more requests", timeout, interval=0.01)
+
+    def failures(self) -> list[tuple[float, float, int, str | None, str]]:
+        return [r for r in self.records if r[2] != 200]

@@ -1,10 +1,11 @@
 """The HTTP API against a real uvicorn server on a loopback port: every endpoint, fallbacks,
-exclusions, unknown ids, limits and error texts, admin auth, readiness, metrics."""
+exclusions, unknown ids, limits and error texts, admin and API-key auth, CORS, request ids,
+readiness, metrics."""
 
 from __future__ import annotations
 
+import logging
 import threading
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -13,11 +14,16 @@ import httpx
 import pytest
 
 from service.app import create_app
+from service.hotpath import HotRouteMiddleware
+from service.requestid import RequestIdFilter
 from service.settings import ServiceSettings
 from service.state import default_model_factory
+from tests.procs import NotYet, wait_until
 from tests.service.live import ServerThread, wait_ready
 
 TOKEN = "test-admin-token-0123456789"
+KEY = "test-api-key-0123456789-abc"
+WRITE = {"Authorization": f"Bearer {KEY}"}
 
 
 def settings_for(
@@ -40,6 +46,7 @@ def settings_for(
         "max_batch": 8,
         "max_body_bytes": 8192,
         "admin_token": TOKEN,
+        "api_keys": f"another-key-0123456789,{KEY}",
         **extra,
     }
     return ServiceSettings.from_mapping(values)
@@ -183,6 +190,36 @@ def test_batch_matches_single_requests(client: httpx.Client) -> None:
     assert body["model_version"] == singles[0]["model_version"]
 
 
+def hot_dispatcher(app) -> HotRouteMiddleware:
+    layer = app.middleware_stack
+    while not isinstance(layer, HotRouteMiddleware):
+        layer = layer.app
+    return layer
+
+
+def test_hot_routes_are_answered_without_the_router(
+    server: ServerThread, client: httpx.Client
+) -> None:
+    hot = hot_dispatcher(server.server.config.app)
+    assert set(hot.routes) == {("POST", "/v1/recommend"), ("POST", "/v1/recommend/batch")}
+    before = hot.hits
+    assert client.post("/v1/recommend", json={"user_id": "1"}).status_code == 200
+    assert (
+        client.post("/v1/recommend/batch", json={"requests": [{"history": []}]}).status_code == 200
+    )
+    assert client.post("/v1/recommend", json={"k": 0}).status_code == 422
+    assert hot.hits == before + 3
+    assert client.get("/v1/recommend").status_code == 405  # other methods: the router
+    assert client.post("/v1/recommend/", json={"user_id": "1"}).status_code in (307, 404)
+    assert hot.hits == before + 3
+    r = client.post(
+        "/v1/recommend", content=b'{"user_id": "1"}', headers={"content-type": "text/plain"}
+    )
+    assert r.status_code == 422 and errors(r)[0][0] == "body"
+    r = client.post("/v1/recommend")
+    assert r.status_code == 422 and errors(r) == [("body", "Field required")]
+
+
 # ---------------------------------------------------------------------- refusals
 
 
@@ -259,7 +296,7 @@ def test_events_feed_the_next_recommendation(client: httpx.Client) -> None:
     before = client.post("/v1/recommend", json={"user_id": "fresh-user", "k": 5}).json()
     assert before["source"] == "popularity"
     watched = item_ids(before)[:3]
-    r = client.post("/v1/users/fresh-user/events", json={"items": [*watched, "zzz"]})
+    r = client.post("/v1/users/fresh-user/events", json={"items": [*watched, "zzz"]}, headers=WRITE)
     assert r.status_code == 200, r.text
     assert r.json()["history_length"] == 4 and r.json()["unknown_items"] == ["zzz"]
     after = client.post("/v1/recommend", json={"user_id": "fresh-user", "k": 5}).json()
@@ -268,21 +305,25 @@ def test_events_feed_the_next_recommendation(client: httpx.Client) -> None:
     history = client.get("/v1/users/fresh-user/history").json()
     assert history == {"user_id": "fresh-user", "items": [*watched, "zzz"], "length": 4}
     more = client.post(
-        "/v1/users/fresh-user/events", json={"items": ["1", "2"], "timestamps": [1.0, 2.0]}
+        "/v1/users/fresh-user/events",
+        json={"items": ["1", "2"], "timestamps": [1.0, 2.0]},
+        headers=WRITE,
     )
     assert more.json()["history_length"] == 6
 
 
 def test_event_refusals(client: httpx.Client) -> None:
-    r = client.post("/v1/users/u/events", json={"items": ["1"], "timestamps": [1.0, 2.0]})
+    r = client.post(
+        "/v1/users/u/events", json={"items": ["1"], "timestamps": [1.0, 2.0]}, headers=WRITE
+    )
     assert r.status_code == 422 and "one value per item" in r.text
-    r = client.post("/v1/users/u/events", json={"items": ["1"] * 41})
+    r = client.post("/v1/users/u/events", json={"items": ["1"] * 41}, headers=WRITE)
     assert ("body.items", "must be at most 40 (the service's max_history), got 41") in errors(r)
-    assert client.post("/v1/users/u/events", json={"items": []}).status_code == 422
+    assert client.post("/v1/users/u/events", json={"items": []}, headers=WRITE).status_code == 422
     r = client.post(
         "/v1/users/u/events",
         content=b'{"items": ["1"], "timestamps": [NaN]}',
-        headers={"content-type": "application/json"},
+        headers={"content-type": "application/json", **WRITE},
     )
     assert r.status_code == 422
     assert client.get("/v1/users/u/history").json()["length"] == 0
@@ -319,6 +360,111 @@ def test_admin_disabled_without_token(artifacts_a: Path, tmp_path: Path) -> None
         assert r.json()["detail"].startswith("admin routes are disabled")
 
 
+def test_event_writes_need_an_api_key(client: httpx.Client) -> None:
+    before = client.get("/v1/users/victim/history").json()["length"]
+    missing = client.post("/v1/users/victim/events", json={"items": ["1"]})
+    assert missing.status_code == 401 and missing.headers["www-authenticate"] == "Bearer"
+    assert missing.json()["detail"].startswith("missing API key: event writes need")
+    for wrong in ("nope", TOKEN, KEY[:-1]):  # the admin token is no API key
+        r = client.post(
+            "/v1/users/victim/events",
+            json={"items": ["1"]},
+            headers={"Authorization": f"Bearer {wrong}"},
+        )
+        assert r.status_code == 403 and r.json()["detail"] == "wrong API key", wrong
+    assert client.get("/v1/users/victim/history").json()["length"] == before
+    other = {"Authorization": "Bearer another-key-0123456789"}  # any configured key
+    r = client.post("/v1/users/victim/events", json={"items": ["1"]}, headers=other)
+    assert r.status_code == 200 and r.json()["history_length"] == before + 1
+
+
+def test_event_writes_disabled_without_keys(artifacts_a: Path, tmp_path: Path) -> None:
+    app = create_app(settings_for(artifacts_a, tmp_path, api_keys=None))
+    with ServerThread(app) as srv, httpx.Client(base_url=srv.url) as c:
+        wait_ready(srv.url)
+        r = c.post("/v1/users/u/events", json={"items": ["1"]}, headers=WRITE)
+        assert r.status_code == 403
+        assert r.json()["detail"] == (
+            "event writes are disabled: set SHARDREC_API_KEYS to enable them"
+        )
+
+
+def test_reads_with_auth_reads(artifacts_a: Path, tmp_path: Path) -> None:
+    app = create_app(settings_for(artifacts_a, tmp_path, auth_reads=True))
+    with ServerThread(app) as srv, httpx.Client(base_url=srv.url) as c:
+        wait_ready(srv.url)
+        reads = [
+            ("POST", "/v1/recommend", {"user_id": "1"}),
+            ("POST", "/v1/recommend/batch", {"requests": [{"user_id": "1"}]}),
+            ("GET", "/v1/items/1/similar", None),
+            ("GET", "/v1/users/1/history", None),
+            ("GET", "/v1/model", None),
+        ]
+        for method, path, body in reads:
+            r = c.request(method, path, json=body)
+            assert r.status_code == 401, (path, r.text)
+            assert r.json()["detail"].startswith("missing API key: reads need"), path
+            r = c.request(method, path, json=body, headers={"Authorization": "Bearer x"})
+            assert r.status_code == 403 and r.json()["detail"] == "wrong API key", path
+            assert c.request(method, path, json=body, headers=WRITE).status_code == 200, path
+        assert c.get("/healthz").status_code == 200 and c.get("/readyz").status_code == 200
+
+
+def test_request_ids_in_the_answer_and_the_logs(server: ServerThread, client: httpx.Client) -> None:
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    handler.addFilter(RequestIdFilter())
+    app_log = logging.getLogger("service.app")
+    app_log.addHandler(handler)
+    level = app_log.level
+    app_log.setLevel(logging.INFO)
+    try:
+        given = {"X-Request-ID": "trace-42.a:b"}
+        r = client.post("/v1/recommend", json={"k": 0, "user_id": "1"}, headers=given)
+        assert r.status_code == 422 and r.headers["x-request-id"] == "trace-42.a:b"
+        r = client.get("/v1/items/no-such/similar", headers={"X-Request-ID": "other-7"})
+        assert r.status_code == 404 and r.headers["x-request-id"] == "other-7"
+    finally:
+        app_log.removeHandler(handler)
+        app_log.setLevel(level)
+    logged = {(rec.getMessage().split(":")[0], rec.request_id) for rec in records}  # type: ignore[attr-defined]
+    assert ("422 POST /v1/recommend", "trace-42.a:b") in logged, logged
+    assert ("404 GET /v1/items/no-such/similar", "other-7") in logged, logged
+    made = client.get("/healthz").headers["x-request-id"]
+    assert len(made) == 32 and int(made, 16) >= 0
+    for bad in ("has space", "x" * 129, "a/b<script>"):
+        r = client.get("/healthz", headers={"X-Request-ID": bad})
+        assert len(r.headers["x-request-id"]) == 32 and r.headers["x-request-id"] != bad
+
+
+def test_cors_is_off_by_default_and_configurable(
+    client: httpx.Client, artifacts_a: Path, tmp_path: Path
+) -> None:
+    preflight = {
+        "Origin": "https://app.example.com",
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "content-type",
+    }
+    r = client.options("/v1/recommend", headers=preflight)
+    assert "access-control-allow-origin" not in r.headers
+    r = client.get("/healthz", headers={"Origin": "https://app.example.com"})
+    assert "access-control-allow-origin" not in r.headers
+    app = create_app(settings_for(artifacts_a, tmp_path, cors_origins=["https://app.example.com"]))
+    with ServerThread(app) as srv, httpx.Client(base_url=srv.url) as c:
+        wait_ready(srv.url)
+        r = c.options("/v1/recommend", headers=preflight)
+        assert r.status_code == 200
+        assert r.headers["access-control-allow-origin"] == "https://app.example.com"
+        r = c.post(
+            "/v1/recommend", json={"user_id": "1"}, headers={"Origin": "https://app.example.com"}
+        )
+        assert r.headers["access-control-allow-origin"] == "https://app.example.com"
+        assert "x-request-id" in r.headers["access-control-expose-headers"].lower()
+        r = c.options("/v1/recommend", headers={**preflight, "Origin": "https://evil.example"})
+        assert r.status_code == 400 and "access-control-allow-origin" not in r.headers
+
+
 # ---------------------------------------------------------------------- readiness, threads
 
 
@@ -347,10 +493,14 @@ def test_failed_load_is_reported(tmp_path: Path) -> None:
     empty.mkdir()
     app = create_app(settings_for(empty, tmp_path))
     with ServerThread(app) as srv, httpx.Client(base_url=srv.url) as c:
-        deadline = time.monotonic() + 10
-        while c.get("/readyz").json()["status"] == "loading" and time.monotonic() < deadline:
-            time.sleep(0.02)
-        ready = c.get("/readyz")
+
+        def loaded() -> httpx.Response:
+            r = c.get("/readyz")
+            if r.json()["status"] == "loading":
+                raise NotYet("loading")
+            return r
+
+        ready = wait_until(loaded, "the load to end", timeout=30, interval=0.02)
         assert ready.status_code == 503 and ready.json()["status"] == "failed"
         assert "manifest.json is missing" in ready.json()["detail"]
         r = c.post("/v1/recommend", json={"user_id": "1"})

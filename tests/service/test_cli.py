@@ -6,8 +6,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +14,7 @@ from service.cli import main, settings_environment
 from service.index import IndexSettings
 from service.loading import load_model
 from service.settings import ServiceSettings
-from tests.service.live import REPO
+from tests.service.live import run_python
 
 
 @pytest.fixture
@@ -58,9 +56,8 @@ def test_index_builds_measures_and_saves(model_dir: Path, capsys: pytest.Capture
 
 
 def test_index_hnsw_as_a_subprocess(model_dir: Path) -> None:
-    done = subprocess.run(
+    done = run_python(
         [
-            sys.executable,
             "-m",
             "service",
             "index",
@@ -75,11 +72,7 @@ def test_index_hnsw_as_a_subprocess(model_dir: Path) -> None:
             "--ef-search",
             "32",
         ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
         timeout=120,
-        check=False,
     )
     assert done.returncode == 0, done.stderr
     assert "hnsw index of 300 items" in done.stdout and "'hnsw_m': 8" in done.stdout
@@ -106,14 +99,9 @@ def test_serve_fails_fast_on_bad_settings(
     assert "admin_token must be at least 16 characters" in capsys.readouterr().err
 
 
-def test_serve_workers_need_no_admin_token(
-    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("SHARDREC_ADMIN_TOKEN", "x" * 20)
-    assert main(["serve", "--artifacts", str(tmp_path), "--workers", "2"]) == 2
-    assert "--workers must be >= 1, and 1 when SHARDREC_ADMIN_TOKEN is set" in (
-        capsys.readouterr().err
-    )
+def test_serve_needs_a_worker(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["serve", "--artifacts", str(tmp_path), "--workers", "0"]) == 2
+    assert "--workers must be >= 1, got 0" in capsys.readouterr().err
 
 
 def test_flags_are_generated_from_the_settings(capsys: pytest.CaptureFixture) -> None:
@@ -126,6 +114,8 @@ def test_flags_are_generated_from_the_settings(capsys: pytest.CaptureFixture) ->
     assert "--no-access-log" in text and "--index-dir" in text
     flags = text.split("options:", 1)[1]
     assert "--admin-token" not in flags and not re.search(r"(?<![-\w])-m\b", flags)  # no `-m`
+    assert "--api-keys" not in flags and "--redis-url" not in flags  # credentials: env only
+    assert "--store {sqlite,redis}" in text and "--cors-origins" in text
     with pytest.raises(SystemExit) as exit_info:  # never a flag: it would show in `ps`
         main(["serve", "--artifacts", ".", "--admin-token", "x" * 20])
     assert exit_info.value.code == 2
@@ -142,6 +132,9 @@ def test_worker_processes_rebuild_the_same_settings(
             "port": 9001,
             "access_log": False,
             "index": {"kind": "ivf", "nlist": 8, "nprobe": 4, "save": False},
+            "store": "redis",
+            "cors_origins": ["https://a.example", "https://b.example"],
+            "reload_poll_s": 0.25,
         }
     )
     for name in list(os.environ):

@@ -1,6 +1,7 @@
 """Property-based fuzzing of the OpenAPI schema with schemathesis against a real server:
 whatever the input (valid or not), no 5xx, and documented responses match their schema; each
-operation's fuzzing reaches its route (checked per operation: no test depends on another's)."""
+operation's fuzzing reaches its route (checked per operation: no test depends on another's).
+Auth is on: API keys on writes and reads (``auth_reads``), the admin token on admin routes."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from schemathesis.specs.openapi.checks import response_schema_conformance
 from service.app import create_app
 from service.settings import ServiceSettings
 from tests.service.live import ServerThread, wait_ready
-from tests.service.test_api import TOKEN, settings_for
+from tests.service.test_api import KEY, TOKEN, settings_for
 
 MAX_EXAMPLES = 30
 
@@ -27,7 +28,9 @@ def fuzz_server(
     artifacts_a: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ServerThread]:
     tmp = tmp_path_factory.mktemp("fuzz")
-    app = create_app(settings_for(artifacts_a, tmp, max_k=100, max_history=100, max_batch=16))
+    app = create_app(
+        settings_for(artifacts_a, tmp, max_k=100, max_history=100, max_batch=16, auth_reads=True)
+    )
     with ServerThread(app) as srv:
         wait_ready(srv.url)
         yield srv
@@ -94,7 +97,7 @@ def test_no_server_errors(case, fuzz_server: ServerThread, fuzzed_route: list[st
     reaches the route (see `fuzzed_route`)."""
     if not fuzzed_route:
         fuzzed_route.append(case.path)
-    # The real admin token lets the fuzzer reach the reload body (random paths: refused, 422).
-    headers = {"Authorization": f"Bearer {TOKEN}"} if "admin" in case.path else None
+    # The real credentials let the fuzzer reach the bodies (reload of random paths: refused, 422).
+    headers = {"Authorization": f"Bearer {TOKEN if 'admin' in case.path else KEY}"}
     response = case.call(base_url=fuzz_server.url, headers=headers)
     case.validate_response(response, checks=[not_a_server_error, response_schema_conformance])

@@ -5,11 +5,9 @@ data layer (``trainer.data``). Checked in a fresh interpreter, where nothing was
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
-from tests.service.live import REPO
+from tests.service.live import run_python
 
 CHECK = """
 import importlib, json, pkgutil, sys
@@ -37,14 +35,7 @@ print(json.dumps({"modules": modules, "heavy": heavy, "items": model.num_items})
 
 
 def test_the_service_imports_no_training_dependencies(artifacts_a: Path) -> None:
-    done = subprocess.run(
-        [sys.executable, "-c", CHECK, str(artifacts_a)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    done = run_python(["-c", CHECK, str(artifacts_a)], timeout=300)
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout.splitlines()[-1])
     for name in ("service.app", "service.cli", "service.loading", "service.index.persistence"):

@@ -12,7 +12,7 @@ from service.loading import load_model
 from service.model import Model
 from service.queries import UserQuery
 from service.recommender import Recommender, ReloadInProgressError, seed_store
-from service.store import HistoryStore
+from service.store import HistoryStore, SQLiteHistoryStore
 from trainer.artifacts import ArtifactError
 
 
@@ -32,7 +32,7 @@ def model_b(artifacts_b: Path, tmp_path_factory: pytest.TempPathFactory) -> Mode
 
 @pytest.fixture
 def store(tmp_path: Path):
-    with HistoryStore(tmp_path / "h.sqlite", synchronous="NORMAL") as s:
+    with SQLiteHistoryStore(tmp_path / "h.sqlite", synchronous="NORMAL") as s:
         yield s
 
 

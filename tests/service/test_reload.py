@@ -5,17 +5,15 @@ the old model keeps serving."""
 from __future__ import annotations
 
 import shutil
-import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import pytest
 
 from service.app import create_app
-from tests.service.live import ServerThread, wait_ready
+from tests.service.live import Hammer, ServerThread, wait_ready
 from tests.service.test_api import TOKEN, settings_for
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -40,53 +38,6 @@ def server(dirs: tuple[Path, Path], tmp_path: Path) -> Iterator[ServerThread]:
     with ServerThread(app) as srv:
         wait_ready(srv.url)
         yield srv
-
-
-class Hammer:
-    """Threads posting ``/v1/recommend`` in a loop; records (start, end, status, version)."""
-
-    def __init__(self, url: str, threads: int = 6) -> None:
-        self.url = url
-        self.threads = threads
-        self.records: list[tuple[float, float, int, str | None]] = []
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(threads)
-        self._futures: list = []
-
-    def _loop(self, worker: int) -> None:
-        with httpx.Client(base_url=self.url, timeout=30) as client:
-            i = 0
-            while not self._stop.is_set():
-                i += 1
-                payload = {"user_id": str(1 + (worker * 97 + i) % 600), "k": 10}
-                if i % 3 == 0:
-                    payload = {"history": [str(1 + i % 300)], "k": 5}
-                start = time.monotonic()
-                try:
-                    r = client.post("/v1/recommend", json=payload)
-                    status = r.status_code
-                    version = r.json().get("model_version") if status == 200 else r.text
-                except httpx.HTTPError as e:
-                    status, version = -1, repr(e)
-                with self._lock:
-                    self.records.append((start, time.monotonic(), status, version))
-
-    def __enter__(self) -> Hammer:
-        self._futures = [self._pool.submit(self._loop, w) for w in range(self.threads)]
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for f in self._futures:
-            f.result()
-        self._pool.shutdown()
-
-    def wait_for(self, count: int, timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        target = len(self.records) + count
-        while len(self.records) < target and time.monotonic() < deadline:
-            time.sleep(0.01)
 
 
 def test_reload_under_load_has_zero_failures(server: ServerThread, dirs: tuple[Path, Path]) -> None:
@@ -168,3 +119,18 @@ def test_concurrent_reload_is_refused_with_409(
         assert r.status_code == 409 and "already in progress" in r.json()["detail"]
     finally:
         recommender._reload_lock.release()
+
+
+def test_reload_running_in_another_process_is_refused_with_409(
+    server: ServerThread, dirs: tuple[Path, Path]
+) -> None:
+    state = server.server.config.app.state.service
+    store = state._store
+    assert store.acquire_lock("reload", "another-process", 60.0)
+    try:
+        with httpx.Client(base_url=server.url, timeout=30) as c:
+            r = c.post("/v1/admin/reload", json={"artifacts": str(dirs[1])}, headers=AUTH)
+        assert r.status_code == 409
+        assert "already in progress in another process" in r.json()["detail"]
+    finally:
+        store.release_lock("reload", "another-process")

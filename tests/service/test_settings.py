@@ -98,6 +98,10 @@ def test_environment_is_read_with_prefix(artifacts: Path, monkeypatch: pytest.Mo
         ({"db_synchronous": "OFF"}, "'FULL' or 'NORMAL'"),
         ({"port": "eighty"}, "valid integer"),
         ({"prot": 80}, "Extra inputs are not permitted"),
+        ({"store": "postgres"}, "'sqlite' or 'redis'"),
+        ({"redis_prefix": "a b"}, "should match pattern"),
+        ({"reload_poll_s": 0.0}, "greater than or equal to 0.05"),
+        ({"api_keys": f"{TOKEN},short"}, "number(s) [2] too short"),
     ],
 )
 def test_invalid_values_are_rejected_with_the_setting_named(
@@ -159,3 +163,23 @@ def test_the_index_command_needs_only_the_artifact_settings(artifacts: Path) -> 
     s = ArtifactSettings.from_mapping({"artifacts": artifacts, "index": {"kind": "ivf"}})
     assert s.index.dir == artifacts / "index-ivf" and s.log_level == "INFO"
     assert not hasattr(s, "port") and "admin_token" not in ArtifactSettings.model_fields
+
+
+def test_shared_store_and_security_settings(
+    artifacts: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    s = ServiceSettings.from_mapping({"artifacts": artifacts})
+    assert (s.store, s.redis_prefix, s.reload_poll_s) == ("sqlite", "shardrec:", 0.5)
+    assert s.redis_url.get_secret_value() == "redis://127.0.0.1:6379/0"
+    assert s.api_keys is None and s.api_key_set() == frozenset() and not s.auth_reads
+    assert s.cors_origins == []
+    monkeypatch.setenv("SHARDREC_STORE", "redis")
+    monkeypatch.setenv("SHARDREC_REDIS_URL", "redis://:pw@10.0.0.5:6380/2")
+    monkeypatch.setenv("SHARDREC_API_KEYS", f" {TOKEN} , other-key-0123456789 ")
+    monkeypatch.setenv("SHARDREC_CORS_ORIGINS", "https://a.example, https://b.example")
+    s = ServiceSettings(artifacts=artifacts)
+    assert s.store == "redis" and "pw" not in repr(s)
+    assert s.api_key_set() == {TOKEN, "other-key-0123456789"}
+    assert s.cors_origins == ["https://a.example", "https://b.example"]
+    with pytest.raises(ValidationError, match="api_keys must not contain the admin token"):
+        ServiceSettings(artifacts=artifacts, admin_token=TOKEN)

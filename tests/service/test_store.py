@@ -1,25 +1,42 @@
-"""service.store: ordering, seeding, validation, durability (close/reopen, kill -9), threads."""
+"""service.store, SQLite and Redis alike: ordering, seeding, validation, batched reads, the model
+pointer and locks, durability (close/reopen, SIGKILL of the writer and of redis-server over more
+than 1,000 acknowledged events), threads."""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
 import sys
 import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from service.store import HistoryStore
+from service.store import HistoryStore, SQLiteHistoryStore
+from tests.procs import NotYet, Proc, wait_until
+from tests.service.live import REPO, RedisServer
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    with RedisServer(tmp_path_factory.mktemp("redis")) as server:
+        yield server
 
 
-@pytest.fixture
-def store(tmp_path: Path):
-    with HistoryStore(tmp_path / "h.sqlite") as s:
-        yield s
+def open_store(kind: str, tmp_path: Path, request: pytest.FixtureRequest, **kw) -> HistoryStore:
+    """A new, empty store of ``kind`` (a Redis store gets its own key prefix)."""
+    if kind == "sqlite":
+        return SQLiteHistoryStore(tmp_path / "h.sqlite", **kw)
+    from service.store.redis_store import RedisHistoryStore
+
+    server: RedisServer = request.getfixturevalue("redis_server")
+    return RedisHistoryStore(server.url, prefix=f"t{abs(hash(tmp_path))}:", **kw)
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[HistoryStore]:
+    s = open_store(request.param, tmp_path, request)
+    yield s
+    s.close()
 
 
 def test_history_is_most_recent_last_and_limited(store: HistoryStore) -> None:
@@ -34,15 +51,56 @@ def test_history_is_most_recent_last_and_limited(store: HistoryStore) -> None:
     assert store.append("u1", []) == 3  # nothing to add
 
 
+def test_batched_reads_match_single_reads(store: HistoryStore) -> None:
+    for u in range(5):
+        store.append(f"u{u}", [f"i{u}-{j}" for j in range(u * 3)])
+    users = ["u3", "nobody", "u1", "u3", "u0", "u4"]
+    assert store.histories(users, 4) == [store.history(u, 4) for u in users]
+    assert store.histories(users, 4)[0] == ["i3-5", "i3-6", "i3-7", "i3-8"]
+    assert store.histories([], 4) == []
+
+
+def test_model_pointer_serials_and_locks(store: HistoryStore) -> None:
+    assert store.read_pointer() is None
+    first = store.publish_pointer("v1", "/models/a", "/models/a")
+    second = store.publish_pointer("v2", "/models/b", "/models/a")
+    assert (first.serial, second.serial) == (1, 2)
+    assert store.read_pointer() == second
+    assert store.acquire_lock("reload", "me", 30.0)
+    assert store.acquire_lock("reload", "me", 30.0)  # the owner again: extended
+    assert not store.acquire_lock("reload", "you", 30.0)
+    store.release_lock("reload", "you")  # not the owner: nothing happens
+    assert not store.acquire_lock("reload", "you", 30.0)
+    store.release_lock("reload", "me")
+    assert store.acquire_lock("reload", "you", 0.2)
+    wait_until(  # an expired lock is free again
+        lambda: store.acquire_lock("reload", "me", 30.0) or _not_yet("held"), "expiry", 5
+    )
+
+
+def _not_yet(what: str) -> bool:
+    raise NotYet(what)
+
+
 def test_wal_and_synchronous_modes(tmp_path: Path) -> None:
-    with HistoryStore(tmp_path / "full.sqlite") as s:
+    with SQLiteHistoryStore(tmp_path / "full.sqlite") as s:
         conn = s._conn()
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
-    with HistoryStore(tmp_path / "normal.sqlite", synchronous="normal") as s:
+    with SQLiteHistoryStore(tmp_path / "normal.sqlite", synchronous="normal") as s:
         assert s._conn().execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
     with pytest.raises(ValueError, match="synchronous must be one of"):
-        HistoryStore(tmp_path / "x.sqlite", synchronous="OFF")
+        SQLiteHistoryStore(tmp_path / "x.sqlite", synchronous="OFF")
+
+
+def test_redis_lists_are_trimmed_but_lengths_count_everything(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    with open_store("redis", tmp_path, request, keep=3) as s:
+        assert s.append("u", ["a", "b"]) == 2
+        assert s.append("u", ["c", "d", "e"]) == 5
+        assert s.history("u", 10) == ["c", "d", "e"] and s.length("u") == 5
+        assert s.append("u", []) == 5 and s.count() == 5 and s.num_users() == 1
 
 
 def test_seed_is_idempotent_and_replaced_by_a_new_model_version(store: HistoryStore) -> None:
@@ -60,8 +118,11 @@ def test_seed_is_idempotent_and_replaced_by_a_new_model_version(store: HistorySt
     assert store.count() == 1
 
 
-def test_seed_of_an_empty_store_without_version(tmp_path: Path) -> None:
-    with HistoryStore(tmp_path / "h.sqlite") as s:
+@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+def test_seed_of_an_empty_store_without_version(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    with open_store(kind, tmp_path, request) as s:
         assert s.seed({"u": [("i", 1)]}) == 1
         assert s.model_version() is None
         assert s.seed({"u": [("i", 1)]}) == 0
@@ -97,74 +158,112 @@ def test_bad_inputs(store: HistoryStore) -> None:
 
 def test_writes_survive_close_and_reopen(tmp_path: Path) -> None:
     path = tmp_path / "h.sqlite"
-    with HistoryStore(path) as s:
+    with SQLiteHistoryStore(path) as s:
         s.seed({"u": [("a", 1.0)]}, model_version="v1")
         s.append("u", ["b", "c"])
-    with HistoryStore(path) as s:
+    with SQLiteHistoryStore(path) as s:
         assert s.history("u", 10) == ["a", "b", "c"]
         assert s.model_version() == "v1"
-    closed = HistoryStore(path)
+    closed = SQLiteHistoryStore(path)
     closed.close()
     with pytest.raises(RuntimeError, match="is closed"):
         closed.history("u", 1)
 
 
-CHILD = """
+# A writer that prints each acknowledged append: "ack <i> <length>".
+WRITER = """
 import sys
-from service.store import HistoryStore
+from service.store import SQLiteHistoryStore
+from service.store.redis_store import RedisHistoryStore
 
-store = HistoryStore(sys.argv[1])
-print("ready", flush=True)
+kind, where = sys.argv[1], sys.argv[2]
+store = SQLiteHistoryStore(where) if kind == "sqlite" else RedisHistoryStore(where, keep=100000)
 i = 0
 while True:
     length = store.append("u", [f"i{i}"])
     print(f"ack {i} {length}", flush=True)
     i += 1
 """
+EVENTS = 1000
 
 
-@pytest.mark.timeout(60)
-def test_acknowledged_appends_survive_kill_9(tmp_path: Path) -> None:
-    path = tmp_path / "h.sqlite"
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    child = subprocess.Popen(
-        [sys.executable, "-c", CHILD, str(path)],
-        stdout=subprocess.PIPE,
-        text=True,
-        cwd=REPO_ROOT,
-        env=env,
+def acknowledged(log: Path) -> list[int]:
+    """The acknowledged appends of a `WRITER` log (a cut-off last line does not count)."""
+    lines = log.read_text().split("\n")[:-1]
+    acks = [line.split() for line in lines if line.startswith("ack ")]
+    assert all(int(length) == int(i) + 1 for _, i, length in acks)
+    return [int(i) for _, i, _ in acks]
+
+
+def write_until_killed(
+    kind: str,
+    where: str,
+    log: Path,
+    events: int = EVENTS,
+    first: Callable[[], None] | None = None,
+) -> list[int]:
+    """Runs `WRITER` until it has acknowledged ``events`` appends, SIGKILLs it mid-stream (after
+    calling ``first``, e.g. a SIGKILL of the store's server), and returns what it
+    acknowledged."""
+    writer = Proc(
+        [sys.executable, "-c", WRITER, kind, where],
+        log,
+        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
+        err_log=log.with_suffix(".err"),
+        name=f"{kind} writer",
     )
-    acked: list[int] = []
-    try:
-        assert child.stdout is not None
-        assert child.stdout.readline().strip() == "ready"
-        while len(acked) < 100:
-            line = child.stdout.readline()
-            assert line.startswith("ack "), f"child said {line!r}"
-            _, i, length = line.split()
-            assert int(length) == int(i) + 1
-            acked.append(int(i))
-        child.send_signal(signal.SIGKILL)  # mid-stream: no clean shutdown, no final commit
-        child.wait(timeout=30)
-        acked.extend(int(line.split()[1]) for line in child.stdout if line.startswith("ack "))
-    finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait()
-    assert child.returncode == -signal.SIGKILL
+    with writer:
 
-    with HistoryStore(path) as s:
-        history = s.history("u", 1_000_000)
-    # Every acknowledged event is there, in order; at most the one in flight is extra.
+        def enough() -> None:
+            if len(acknowledged(log)) < events:
+                raise NotYet(f"{len(acknowledged(log))} acknowledged")
+
+        wait_until(enough, f"{events} acknowledged appends", 120, writer)
+        if first is not None:
+            first()
+        if writer.poll() is None:
+            writer.kill()  # mid-stream: no clean shutdown, no final commit
+    assert writer.returncode is not None and writer.returncode != 0
+    return acknowledged(log)
+
+
+def check_survivors(history: list[str], acked: list[int]) -> None:
+    """Every acknowledged event is there, in order; at most the one in flight is extra."""
+    assert len(acked) >= EVENTS
     assert history[: len(acked)] == [f"i{i}" for i in acked]
     assert len(history) in (len(acked), len(acked) + 1)
     assert history == [f"i{i}" for i in range(len(history))]
 
 
+@pytest.mark.timeout(180)
+def test_acknowledged_appends_survive_kill_9_of_the_writer(tmp_path: Path) -> None:
+    path = tmp_path / "h.sqlite"
+    acked = write_until_killed("sqlite", str(path), tmp_path / "writer.log")
+    with SQLiteHistoryStore(path) as s:
+        check_survivors(s.history("u", 1_000_000), acked)
+
+
+@pytest.mark.timeout(180)
+def test_acknowledged_appends_survive_kill_9_of_the_writer_and_of_redis(tmp_path: Path) -> None:
+    """appendfsync always: what the writer saw acknowledged was on disk when redis-server was
+    SIGKILLed mid-stream (then the writer); a restarted server on the same directory has all of
+    it."""
+    from service.store.redis_store import RedisHistoryStore
+
+    server = RedisServer(tmp_path / "redis").start()
+    try:
+        acked = write_until_killed("redis", server.url, tmp_path / "writer.log", first=server.kill)
+        server.start()  # the same port and directory: replays the append-only file
+        with RedisHistoryStore(server.url, keep=100_000) as s:
+            check_survivors(s.history("u", 1_000_000), acked)
+    finally:
+        server.stop()
+
+
 def test_concurrent_appends_from_threads(tmp_path: Path) -> None:
     path = tmp_path / "h.sqlite"
     num_threads, per_thread = 6, 40
-    with HistoryStore(path, synchronous="NORMAL") as s:
+    with SQLiteHistoryStore(path, synchronous="NORMAL") as s:
         errors: list[BaseException] = []
         lengths: list[int] = []
         barrier = threading.Barrier(num_threads)

@@ -1,6 +1,6 @@
-"""Durable user watch histories in an embedded SQLite database.
+"""Durable user watch histories in an embedded SQLite database (the default store).
 
-`HistoryStore` keeps, per user, the ordered list of watched items (original ids, as strings).
+`SQLiteHistoryStore` keeps, per user, the ordered list of watched items (original ids, as strings).
 The service seeds it from the training data and appends live watch events; the user tower
 reads the most recent ``limit`` items.
 
@@ -15,12 +15,17 @@ never interleave or lose an update, also from several processes on one database 
 methods block on disk I/O: call them from a thread pool in async code.
 
 Schema: ``events(user_id, seq, item_id, ts)`` keyed by ``(user_id, seq)``, ``seq`` = 0, 1, ...
-in order of arrival per user, ``users(user_id, length)``, and ``meta(key, value)``.
+in order of arrival per user, ``users(user_id, length)``, and ``meta(key, value)`` (the seeded
+model version, the model pointer as JSON, locks as JSON ``{owner, expires}``).
+
+Every process on one machine that opens the same file shares it: ``serve --workers N`` needs no
+other store. Replicas on several machines need the networked store (`service.store.redis`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import sqlite3
@@ -28,6 +33,16 @@ import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
+
+from service.store.base import ModelPointer
+from service.store.checks import (
+    check_id,
+    check_items,
+    check_limit,
+    check_timestamps,
+    group_rows,
+    prepare_seed,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -53,9 +68,10 @@ CREATE TABLE IF NOT EXISTS meta (
 """
 
 _SEED_BATCH = 10_000
+_HISTORY = "SELECT item_id FROM events WHERE user_id = ? ORDER BY seq DESC LIMIT ?"
 
 
-class HistoryStore:
+class SQLiteHistoryStore:
     """User watch histories, most recent last, in SQLite (see the module docstring).
 
     Args:
@@ -102,9 +118,12 @@ class HistoryStore:
     def path(self) -> Path:
         return self._path
 
+    def describe(self) -> str:
+        return f"SQLite {self._path} (synchronous={self._synchronous})"
+
     def _conn(self) -> sqlite3.Connection:
         if self._closed:
-            raise RuntimeError(f"HistoryStore({self._path}) is closed; open a new one.")
+            raise RuntimeError(f"SQLiteHistoryStore({self._path}) is closed; open a new one.")
         conn = getattr(self._local, "conn", None)
         if conn is None:
             conn = sqlite3.connect(
@@ -149,7 +168,7 @@ class HistoryStore:
             with contextlib.suppress(sqlite3.Error):
                 conn.close()
 
-    def __enter__(self) -> HistoryStore:
+    def __enter__(self) -> SQLiteHistoryStore:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -175,21 +194,21 @@ class HistoryStore:
 
         Unknown users have an empty history.
         """
-        user_id = _check_id(user_id, "user_id")
-        limit = _check_limit(limit)
-        rows = (
-            self._conn()
-            .execute(
-                "SELECT item_id FROM events WHERE user_id = ? ORDER BY seq DESC LIMIT ?",
-                (user_id, limit),
-            )
-            .fetchall()
-        )
-        return [row[0] for row in reversed(rows)]
+        return self.histories([check_id(user_id, "user_id")], limit)[0]
+
+    def histories(self, user_ids: Sequence[str], limit: int) -> list[list[str]]:
+        """`history` of each of ``user_ids`` ``[B]`` (one connection, one prepared statement)."""
+        limit = check_limit(limit)
+        execute = self._conn().execute
+        out = []
+        for user_id in user_ids:
+            rows = execute(_HISTORY, (user_id, limit)).fetchall()
+            out.append([row[0] for row in reversed(rows)])
+        return out
 
     def length(self, user_id: str) -> int:
         """Number of events stored for ``user_id`` (0 for unknown users)."""
-        user_id = _check_id(user_id, "user_id")
+        user_id = check_id(user_id, "user_id")
         row = self._conn().execute("SELECT length FROM users WHERE user_id = ?", (user_id,))
         found = row.fetchone()
         return int(found[0]) if found else 0
@@ -204,9 +223,44 @@ class HistoryStore:
 
     def model_version(self) -> str | None:
         """The model version recorded by the last `seed` (None if never seeded with one)."""
-        row = self._conn().execute("SELECT value FROM meta WHERE key = 'model_version'")
-        found = row.fetchone()
+        return self._meta("model_version")
+
+    def _meta(self, key: str) -> str | None:
+        found = self._conn().execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return found[0] if found else None
+
+    # ------------------------------------------------------------------ pointer, locks
+
+    def read_pointer(self) -> ModelPointer | None:
+        value = self._meta("pointer")
+        return ModelPointer.from_mapping(json.loads(value)) if value else None
+
+    def publish_pointer(self, version: str, path: str, base: str) -> ModelPointer:
+        with self._write() as conn:
+            row = conn.execute("SELECT value FROM meta WHERE key = 'pointer'").fetchone()
+            serial = json.loads(row[0])["serial"] + 1 if row else 1
+            pointer = ModelPointer(version, str(path), serial, str(base), time.time())
+            _set_meta(conn, "pointer", pointer.to_json())
+        return pointer
+
+    def acquire_lock(self, name: str, owner: str, ttl_s: float) -> bool:
+        key = f"lock:{check_id(name, 'name')}"
+        now = time.time()
+        with self._write() as conn:
+            row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+            if row is not None:
+                held = json.loads(row[0])
+                if held["owner"] != owner and held["expires"] > now:
+                    return False
+            _set_meta(conn, key, json.dumps({"owner": owner, "expires": now + ttl_s}))
+        return True
+
+    def release_lock(self, name: str, owner: str) -> None:
+        key = f"lock:{check_id(name, 'name')}"
+        with self._write() as conn:
+            row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+            if row is not None and json.loads(row[0])["owner"] == owner:
+                conn.execute("DELETE FROM meta WHERE key = ?", (key,))
 
     # ------------------------------------------------------------------ writes
 
@@ -221,9 +275,9 @@ class HistoryStore:
         ``timestamps`` (unix seconds, one per item) default to now. The events are durable once
         this returns (see the module docstring); an empty ``item_ids`` changes nothing.
         """
-        user_id = _check_id(user_id, "user_id")
-        items = _check_items(item_ids)
-        stamps = _check_timestamps(timestamps, len(items))
+        user_id = check_id(user_id, "user_id")
+        items = check_items(item_ids)
+        stamps = check_timestamps(timestamps, len(items))
         with self._write() as conn:
             row = conn.execute("SELECT length FROM users WHERE user_id = ?", (user_id,)).fetchone()
             start = int(row[0]) if row else 0
@@ -250,15 +304,7 @@ class HistoryStore:
 
         The rows are grouped per user in memory first; returns the number of events written.
         """
-        grouped: dict[str, list[tuple[str, float]]] = {}
-        for pos, row in enumerate(rows):
-            if not isinstance(row, (tuple, list)) or len(row) != 3:
-                raise ValueError(
-                    f"rows[{pos}] must be a (user_id, item_id, timestamp) triple, got {row!r}."
-                )
-            user_id, item_id, ts = row
-            grouped.setdefault(_check_id(user_id, "user_id"), []).append((item_id, ts))
-        return self.seed(grouped, model_version)
+        return self.seed(group_rows(rows), model_version)
 
     def seed(
         self,
@@ -274,21 +320,8 @@ class HistoryStore:
         Otherwise the call is a no-op, so a restarted service does not duplicate its seed.
         """
         if model_version is not None:
-            model_version = _check_id(model_version, "model_version")
-        prepared: list[tuple[str, list[tuple[str, float]]]] = []
-        for user_id, events in user_histories.items():
-            user_id = _check_id(user_id, "user_id")
-            pairs = []
-            for pos, event in enumerate(events):
-                if not isinstance(event, (tuple, list)) or len(event) != 2:
-                    raise ValueError(
-                        f"user_histories[{user_id!r}][{pos}] must be an (item_id, timestamp) "
-                        f"pair, got {event!r}."
-                    )
-                item, ts = event
-                pairs.append((_check_id(item, "item_id"), _check_timestamp(ts)))
-            pairs.sort(key=lambda pair: pair[1])
-            prepared.append((user_id, pairs))
+            model_version = check_id(model_version, "model_version")
+        prepared = prepare_seed(user_histories)
 
         with self._write() as conn:
             has_events = conn.execute("SELECT 1 FROM users LIMIT 1").fetchone() is not None
@@ -339,57 +372,9 @@ class HistoryStore:
         return written
 
 
-# ---------------------------------------------------------------------- checks
-
-
-def _check_id(value: object, name: str) -> str:
-    if not isinstance(value, str):
-        raise TypeError(
-            f"{name} must be a str (the original id as a string), got {type(value).__name__} "
-            f"{value!r}; convert with str(...)."
-        )
-    if not value or "\x00" in value:
-        raise ValueError(f"{name} must be a non-empty string without NUL bytes, got {value!r}.")
-    return value
-
-
-def _check_items(item_ids: object) -> list[str]:
-    if isinstance(item_ids, (str, bytes)) or not isinstance(item_ids, Sequence):
-        raise TypeError(
-            f"item_ids must be a list of str item ids, got {type(item_ids).__name__} "
-            f"{item_ids!r}; wrap a single id as [item_id]."
-        )
-    return [_check_id(item, "item_ids[]") for item in item_ids]
-
-
-def _check_timestamp(ts: object) -> float:
-    if isinstance(ts, bool) or not isinstance(ts, (int, float)):
-        raise TypeError(f"timestamps must be unix seconds (float), got {type(ts).__name__} {ts!r}.")
-    value = float(ts)
-    if value != value or value in (float("inf"), float("-inf")):
-        raise ValueError(f"timestamps must be finite unix seconds, got {ts!r}.")
-    return value
-
-
-def _check_timestamps(timestamps: Sequence[float] | None, n: int) -> list[float]:
-    if timestamps is None:
-        now = time.time()
-        return [now] * n
-    if isinstance(timestamps, (str, bytes)) or not isinstance(timestamps, Sequence):
-        raise TypeError(
-            f"timestamps must be a list of {n} floats or None, got {type(timestamps).__name__}."
-        )
-    if len(timestamps) != n:
-        raise ValueError(
-            f"timestamps must hold one value per item: expected {n}, got {len(timestamps)}; "
-            "pass None to use the current time."
-        )
-    return [_check_timestamp(ts) for ts in timestamps]
-
-
-def _check_limit(limit: object) -> int:
-    if isinstance(limit, bool) or not isinstance(limit, int):
-        raise TypeError(f"limit must be an int >= 1, got {type(limit).__name__} {limit!r}.")
-    if limit < 1:
-        raise ValueError(f"limit must be an int >= 1, got {limit}.")
-    return limit
+def _set_meta(conn: sqlite3.Connection, key: str, value: str) -> None:
+    conn.execute(
+        "INSERT INTO meta (key, value) VALUES (?, ?) "
+        "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        (key, value),
+    )
