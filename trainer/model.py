@@ -11,6 +11,8 @@ Shapes: ``B`` batch, ``L`` history length, ``Dh`` input item dim, ``D`` output d
 
 from __future__ import annotations
 
+from typing import Literal
+
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -19,11 +21,33 @@ from torch import nn
 SECONDS_PER_DAY = 86_400.0
 
 
-class ModelConfig(BaseModel):
-    """The YouTube-DNN user tower and the item tables (``TrainConfig.model``; saved with every
-    export, so the service rebuilds the same tower from it)."""
+class SequenceConfig(BaseModel):
+    """The causal self-attention tower (``model.sequence``, used when ``model.tower=sequence``;
+    SASRec-style, see ``trainer.sequence``)."""
 
     model_config = ConfigDict(extra="forbid")
+
+    blocks: int = Field(2, ge=1, description="self-attention blocks")
+    heads: int = Field(1, ge=1, description="attention heads (must divide the history dim)")
+    dropout: float = Field(0.2, ge=0.0, lt=1.0, description="embedding, attention, FFN dropout")
+    norm: Literal["pre", "post"] = Field("pre", description="layer norm before or after blocks")
+    ffn_factor: int = Field(1, ge=1, description="feed-forward width = ffn_factor * dim")
+
+
+class ModelConfig(BaseModel):
+    """The user tower and the item tables (``TrainConfig.model``; saved with every export, so
+    the service rebuilds the same tower from it).
+
+    ``tower``: ``mean`` (default) is the YouTube-DNN tower below (mean-pooled history + features
+    -> ReLU MLP); ``sequence`` is the causal self-attention tower of ``trainer.sequence``
+    (settings in ``sequence``; ``hidden``, ``recent_items``, ``position_weights`` and
+    ``use_example_age`` are the mean tower's and do not apply to it).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    tower: Literal["mean", "sequence"] = Field("mean", description="mean pooling or attention")
+    sequence: SequenceConfig = Field(default_factory=SequenceConfig)
 
     embedding_dim: int = Field(64, ge=1, description="user vector = item output embedding size")
     input_dim: int | None = Field(
@@ -52,6 +76,11 @@ class ModelConfig(BaseModel):
             raise ValueError(
                 f"model.tie_weights needs input_dim == embedding_dim, got input_dim="
                 f"{self.input_dim} and embedding_dim={self.embedding_dim}; drop input_dim."
+            )
+        if self.tower == "sequence" and self.history_dim % self.sequence.heads:
+            raise ValueError(
+                f"model.sequence.heads ({self.sequence.heads}) must divide the history dim "
+                f"({self.history_dim} = input_dim or embedding_dim); pick heads 1 or a divisor."
             )
         return self
 
