@@ -89,6 +89,47 @@ class ModelConfig(BaseModel):
         return self.input_dim or self.embedding_dim
 
 
+def add_feature_embeddings(
+    tower: nn.Module,
+    cfg: ModelConfig,
+    user_feature_sizes: dict[str, int] | None,
+    item_features: torch.Tensor | None,
+    num_item_feature_tokens: int,
+) -> None:
+    """Give ``tower`` (either tower) its feature tables: ``user_feature_names``,
+    ``user_embeddings`` (name -> ``[size, F]``), ``use_item_features`` and, when used, the
+    ``item_features`` buffer ``[num_items, K]`` and ``item_feature_embedding`` ``[G, F]``."""
+    sizes = user_feature_sizes if cfg.use_user_features else {}
+    tower.user_feature_names = sorted(sizes or {})
+    tower.user_embeddings = nn.ModuleDict(
+        {name: nn.Embedding(sizes[name], cfg.feature_dim) for name in tower.user_feature_names}
+    )
+    tower.use_item_features = bool(
+        cfg.use_item_features and item_features is not None and num_item_feature_tokens > 0
+    )
+    if tower.use_item_features:
+        tower.register_buffer("item_features", item_features.long(), persistent=True)
+        tower.item_feature_embedding = nn.Embedding(num_item_feature_tokens, cfg.feature_dim)
+
+
+def user_feature_vectors(
+    tower: nn.Module,
+    user_features: dict[str, torch.Tensor] | None,
+    batch: int,
+    device: torch.device,
+) -> list[torch.Tensor]:
+    """The embedding ``[B, F]`` of each of ``tower.user_feature_names`` (missing names: code 0,
+    out-of-range codes clamped)."""
+    out = []
+    for name in tower.user_feature_names:
+        codes = (user_features or {}).get(name)
+        if codes is None:
+            codes = torch.zeros(batch, dtype=torch.long, device=device)
+        table = tower.user_embeddings[name]
+        out.append(table(codes.clamp(0, table.num_embeddings - 1)))
+    return out
+
+
 def example_age_features(age_days: torch.Tensor) -> torch.Tensor:
     """The paper's example-age feature and its powers: ``[x, x^2, sqrt(x)]`` for ``x`` in days/365.
 
@@ -124,17 +165,9 @@ class UserTower(nn.Module):
     ) -> None:
         super().__init__()
         self.cfg = cfg
-        sizes = user_feature_sizes if cfg.use_user_features else {}
-        self.user_feature_names = sorted(sizes or {})
-        self.user_embeddings = nn.ModuleDict(
-            {name: nn.Embedding(sizes[name], cfg.feature_dim) for name in self.user_feature_names}
+        add_feature_embeddings(
+            self, cfg, user_feature_sizes, item_features, num_item_feature_tokens
         )
-        self.use_item_features = bool(
-            cfg.use_item_features and item_features is not None and num_item_feature_tokens > 0
-        )
-        if self.use_item_features:
-            self.register_buffer("item_features", item_features.long(), persistent=True)
-            self.item_feature_embedding = nn.Embedding(num_item_feature_tokens, cfg.feature_dim)
         if cfg.position_weights:
             # Log-weights per position counted from the most recent item; 0 = a plain mean.
             self.position_logits = nn.Parameter(torch.zeros(max_history))
@@ -185,12 +218,7 @@ class UserTower(nn.Module):
             recent = (history_rows[:, -k:] * recent_mask).sum(1)
             parts.append(recent / recent_mask.sum(1).clamp(min=1.0))
         batch = history_ids.shape[0]
-        for name in self.user_feature_names:
-            codes = (user_features or {}).get(name)
-            if codes is None:
-                codes = torch.zeros(batch, dtype=torch.long, device=history_ids.device)
-            table = self.user_embeddings[name]
-            parts.append(table(codes.clamp(0, table.num_embeddings - 1)))
+        parts += user_feature_vectors(self, user_features, batch, history_ids.device)
         if self.use_item_features:
             # Mean of the side-feature embeddings of all history tokens, as token counts
             # [B, G] times the table [G, F]: same value as a gather of [B, L, K, F], with a

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.model import ModelConfig, UserTower
+from trainer.model import ModelConfig, UserTower, add_feature_embeddings, user_feature_vectors
 
 
 class _Block(nn.Module):
@@ -87,17 +87,10 @@ class SequenceTower(nn.Module):
             ]
         )
         self.final_norm = nn.LayerNorm(dim) if s.norm == "pre" else nn.Identity()
-        sizes = user_feature_sizes if cfg.use_user_features else {}
-        self.user_feature_names = sorted(sizes or {})
-        self.user_embeddings = nn.ModuleDict(
-            {name: nn.Embedding(sizes[name], cfg.feature_dim) for name in self.user_feature_names}
-        )
-        self.use_item_features = bool(
-            cfg.use_item_features and item_features is not None and num_item_feature_tokens > 0
+        add_feature_embeddings(
+            self, cfg, user_feature_sizes, item_features, num_item_feature_tokens
         )
         if self.use_item_features:
-            self.register_buffer("item_features", item_features.long(), persistent=True)
-            self.item_feature_embedding = nn.Embedding(num_item_feature_tokens, cfg.feature_dim)
             self.item_feature_proj = nn.Linear(cfg.feature_dim, dim)
         head_in = dim + cfg.feature_dim * len(self.user_feature_names)
         self.head = (
@@ -150,13 +143,7 @@ class SequenceTower(nn.Module):
             last = (valid.long() * torch.arange(length, device=x.device)).amax(1)  # [B]
             x = x[torch.arange(batch, device=x.device), last]  # [B, Dh]
         if self.user_feature_names:
-            parts = []
-            for name in self.user_feature_names:
-                codes = (user_features or {}).get(name)
-                if codes is None:
-                    codes = torch.zeros(batch, dtype=torch.long, device=x.device)
-                table = self.user_embeddings[name]
-                parts.append(table(codes.clamp(0, table.num_embeddings - 1)))
+            parts = user_feature_vectors(self, user_features, batch, x.device)
             feats = torch.cat(parts, 1).to(x.dtype)  # [B, F * n]
             if all_positions:
                 feats = feats.unsqueeze(1).expand(batch, length, feats.shape[1])
