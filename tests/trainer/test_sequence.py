@@ -189,3 +189,37 @@ def test_refit_takes_the_best_epoch_and_says_there_are_no_test_metrics(
     bad = load_config(None, [*SEQ_RUN, f"epochs_from={tmp_path / 'nothing'}"])
     with pytest.raises(ValueError, match=r"epochs_from=.*run directory"):
         run_training(bad)
+
+
+def test_sequence_config_trains_on_a_plain_interactions_file(tmp_path):
+    """configs/sequence.yaml as a user with their own file runs it: columns user_id, item_id,
+    timestamp, every interaction trained on, artifacts that encode."""
+    rng = np.random.default_rng(5)
+    users = np.repeat(np.arange(60), 8)
+    items = (users * 7 + np.tile(np.arange(8), 60)) % 40  # each user walks the catalogue
+    ts = 1_700_000_000 + np.arange(len(users)) * 60
+    order = rng.permutation(len(users))  # file order is not time order
+    path = tmp_path / "events.csv"
+    lines = ["user_id,item_id,timestamp"]
+    lines += [f"u{users[i]},i{items[i]},{ts[i]}" for i in order]
+    path.write_text("\n".join(lines) + "\n")
+    cfg = load_config(
+        "configs/sequence.yaml",
+        [
+            f"data.path={path}",
+            "epochs=2",
+            "batch_size=16",
+            "loss.num_sampled=16",
+            "model.embedding_dim=16",
+            "progress=false",
+            "num_threads=1",
+            f"out_dir={tmp_path / 'run'}",
+        ],
+    )
+    assert cfg.model.tower == "sequence" and cfg.data.holdout == "none"
+    art = load_artifacts(run_training(cfg))
+    assert art.manifest["holdout"] == "none" and art.manifest["metrics"]["epochs"] == 2
+    assert art.num_items == 40 and len(art.user_ids) == 60
+    row = art.item_index()
+    vec = art.encoder.encode([[row["i3"], row["i4"]]])
+    assert vec.shape == (1, 16) and torch.isfinite(vec).all()
