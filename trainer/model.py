@@ -32,6 +32,12 @@ class SequenceConfig(BaseModel):
     dropout: float = Field(0.2, ge=0.0, lt=1.0, description="embedding, attention, FFN dropout")
     norm: Literal["pre", "post"] = Field("pre", description="layer norm before or after blocks")
     ffn_factor: int = Field(1, ge=1, description="feed-forward width = ffn_factor * dim")
+    window_targets: int | None = Field(
+        None,
+        ge=1,
+        description="training targets per window (None: data.max_history); fewer gives every "
+        "target at least max_history - window_targets items of context, at more compute",
+    )
 
 
 class ModelConfig(BaseModel):

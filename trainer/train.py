@@ -94,8 +94,11 @@ class Trainer:
         # windows by their last position, ``window_counts`` targets each (sequence tower).
         self.windows = cfg.model.tower == "sequence"
         if self.windows:
+            per_window = min(
+                cfg.model.sequence.window_targets or cfg.data.max_history, cfg.data.max_history
+            )
             self.units, self.window_counts = target_windows(
-                self.ds.seq, self.ds.train_positions, self.ds.max_history
+                self.ds.seq, self.ds.train_positions, per_window
             )
         else:
             self.units, self.window_counts = self.ds.train_positions, None

@@ -99,9 +99,17 @@ def trained_targets(trainer: Trainer) -> np.ndarray:
     return np.sort(np.concatenate(got))
 
 
-@pytest.mark.parametrize("tower_kind", ["mean", "sequence"])
-def test_default_split_trains_on_no_held_out_row_and_none_on_every_row(tmp_path, tower_kind):
-    base = [*TINY_RUN, f"model.tower={tower_kind}", "data.max_history=8", f"out_dir={tmp_path}"]
+@pytest.mark.parametrize(
+    "tower_args",
+    [
+        ["model.tower=mean"],
+        ["model.tower=sequence"],
+        ["model.tower=sequence", "model.sequence.window_targets=3"],
+    ],
+    ids=["mean", "sequence", "sequence-overlapping-windows"],
+)
+def test_default_split_trains_on_no_held_out_row_and_none_on_every_row(tmp_path, tower_args):
+    base = [*TINY_RUN, *tower_args, "data.max_history=8", f"out_dir={tmp_path}"]
     held = Trainer(load_config(None, base))
     ds = held.ds
     got = trained_targets(held)
