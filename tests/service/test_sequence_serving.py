@@ -56,7 +56,9 @@ def test_sequence_model_is_served_after_a_hot_reload(
     with httpx.Client(base_url=server.url, timeout=60) as c:
         r = c.post("/v1/admin/reload", json={"artifacts": str(sequence_artifacts)}, headers=ADMIN)
         assert r.status_code == 200, r.text
-        assert c.get("/v1/model").json()["model_version"] == art.model_version
+        summary = c.get("/v1/model").json()
+        assert summary["model_version"] == art.model_version
+        assert summary["tower"] == "sequence" and summary["holdout"] == "test"
 
         history = [str(i) for i in art.item_ids[[5, 17, 3, 40, 8]]]
         r = c.post("/v1/recommend", json={"history": history, "k": 10})
