@@ -88,7 +88,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, CliSettingsSource
     return parser, sources
 
 
-# --index-kind, --no-index-normalize, no JSON values, the SHARDREC_* variable in each help line.
+# Kebab-case flags (--index.ef-search), --no-<flag> for booleans, no JSON values, and the
+# SHARDREC_* variable of each setting in its help line.
 _CLI_STYLE = {
     "cli_kebab_case": True,
     "cli_implicit_flags": True,
