@@ -136,14 +136,10 @@ def run_ray_train(cfg: TrainConfig, ds, steps: int, warmup: int, storage: Path) 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--num-items", type=int, default=100_000)
-    p.add_argument("--batch", type=int, default=512)
-    p.add_argument("--num-sampled", type=int, default=1024)
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--shards", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=2, help="runs of each, alternating")
+    defaults = {"num_items": 100_000, "batch": 512, "num_sampled": 1024, "steps": 20}
+    defaults |= {"warmup": 3, "workers": 2, "shards": 2, "repeats": 2}  # repeats: alternating
+    for name, value in defaults.items():
+        p.add_argument(f"--{name.replace('_', '-')}", type=int, default=value)
     args = p.parse_args(argv)
 
     out = Path(tempfile.mkdtemp(prefix="bench-raytrain-"))
