@@ -174,7 +174,6 @@ def train_step(
             ).mean()
     dense_opt.zero_grad(set_to_none=True)
     loss.backward()
-    dense_opt.step()
     grads, ids = {}, {}
     for name, leaf in leaves.items():
         used = in_ids if name == "input" else out_ids
@@ -183,5 +182,6 @@ def train_step(
         sel = torch.searchsorted(all_ids, used)
         ids[name] = used
         grads[name] = leaf.grad[sel.to(device)].detach().cpu()
-    store.push(ids, grads, step)
+    store.push(ids, grads, step)  # first, so the dense step overlaps the push's round trip
+    dense_opt.step()
     return loss.detach().item()

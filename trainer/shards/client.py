@@ -202,11 +202,10 @@ class ShardedStore:
 
     def _collect(self, pending: _Pending) -> dict[str, torch.Tensor]:
         results = self._get(pending.futures, pending.issued)
-        refreshed = self._refreshes(pending) if pending.need < pending.target else None
         start = time.perf_counter()
-        rows: dict[str, torch.Tensor] = {}
         n = pending.ids.numel()
-        for name in results[0][0]:
+        rows: dict[str, torch.Tensor] = {}
+        for name in results[0][0]:  # reassembled while the refresh may still be travelling
             first = _read_only(results[0][0][name])
             out = torch.empty((n, *first.shape[1:]), dtype=first.dtype, pin_memory=self.pin_memory)
             if len(results) == 1:  # one shard: its rows are already in id order
@@ -214,20 +213,32 @@ class ShardedStore:
             else:  # one copy: every shard's rows straight to their positions
                 for pos, (result, _) in zip(pending.positions, results):
                     out.index_copy_(0, pos, _read_only(result[name]))
-            for i, answer in enumerate(refreshed or ()):
-                where = torch.from_numpy(np.asarray(answer[0]))
-                if where.numel():
-                    where = pending.positions[i][where] if pending.positions else where
-                    out.index_copy_(0, where, _read_only(answer[1][name]))
-            rows[name] = out if pending.inverse is None else out.index_select(0, pending.inverse)
-        if refreshed is not None:
-            self.times.refreshes += 1
-            self.times.refreshed_rows += sum(len(a[0]) for a in refreshed)
+            rows[name] = out
+        self.times.pull += time.perf_counter() - start
+        if pending.need < pending.target:
+            self._apply_refresh(pending, rows)
+        start = time.perf_counter()
+        if pending.inverse is not None:
+            rows = {name: out.index_select(0, pending.inverse) for name, out in rows.items()}
         self._reap(pending.step - 1 - self.staleness)
         self.times.pull += time.perf_counter() - start
         self.times.pulls += 1
         self.times.rows += n
         return rows
+
+    def _apply_refresh(self, pending: _Pending, rows: dict[str, torch.Tensor]) -> None:
+        """Overwrite the rows the shards changed since ``pending``'s pull (in place)."""
+        refreshed = self._refreshes(pending)
+        start = time.perf_counter()
+        for i, (where, changed, _) in enumerate(refreshed):
+            where = torch.from_numpy(np.asarray(where))
+            if where.numel():
+                where = pending.positions[i][where] if pending.positions else where
+                for name, out in rows.items():
+                    out.index_copy_(0, where, _read_only(changed[name]))
+        self.times.refreshes += 1
+        self.times.refreshed_rows += sum(len(a[0]) for a in refreshed)
+        self.times.pull += time.perf_counter() - start
 
     def prefetch(self, ids: torch.Tensor, step: int) -> None:
         """Start pulling ``ids`` for ``step`` now; the :meth:`pull` of the same ids collects it
