@@ -70,27 +70,26 @@ def test_pipelined_pulls_over_ray_see_every_earlier_push(actors):
         torch.testing.assert_close(store.full_tables()[name], table, rtol=0, atol=0)
 
 
-@ray.remote(num_cpus=0.1)
-class Pusher:
-    """A stand-in for a trainer worker: pushes every step without waiting, then closes."""
-
-    def run(self, shards: list) -> int:
-        store = ShardedStore(RayShards(shards), N, "mod", token=1)
-        for t, (ids, grads) in enumerate(_steps(1), start=1):
-            store.push(ids, grads, t)
-        store.close()
-        return store.last_push_step
-
-
 def test_pushes_are_not_lost_when_the_worker_stops(actors):
     """The payloads of a worker's pushes live in its own object store: once ``close()`` has
     returned, the worker can be killed at once and every push is still applied."""
+
+    @ray.remote(num_cpus=0.1)
+    class Pusher:  # a stand-in for a trainer worker: pushes every step, never waits, closes
+        def run(self, shards: list, steps: list) -> int:
+            store = ShardedStore(RayShards(shards), N, "mod", token=1)
+            for t, (ids, grads) in enumerate(steps, start=1):
+                store.push(ids, grads, t)
+            store.close()
+            return store.last_push_step
+
+    steps = _steps(1)
     pusher = Pusher.remote()
-    assert ray.get(pusher.run.remote(actors)) == STEPS
+    assert ray.get(pusher.run.remote(actors, steps)) == STEPS
     ray.kill(pusher, no_restart=True)
     assert [i["applied"] for i in ray.get([s.info.remote() for s in actors])] == [STEPS] * 2
     ref = LocalStore(N, MODEL, OPTIM, 0)
-    for t, (ids, grads) in enumerate(_steps(1), start=1):
+    for t, (ids, grads) in enumerate(steps, start=1):
         ref.push(ids, grads, t)
     store = ShardedStore(RayShards(actors), N, "mod", token=1)
     for name, table in ref.full_tables().items():
