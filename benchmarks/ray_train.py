@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import shutil
 import statistics
 import tempfile
@@ -62,9 +63,10 @@ def _train_loop(config: dict) -> None:
 
     from trainer.config import config_from_json
     from trainer.distributed.worker import ShardedTrainer
-    from trainer.shards.actor import RayShards
+    from trainer.shards.actor import RayShards, setup_actor_process
     from trainer.shards.client import ShardedStore
 
+    setup_actor_process(logging.WARNING)  # one torch thread, as our TrainWorker sets up
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     cfg = config_from_json(config["cfg"])
