@@ -287,3 +287,26 @@ def test_shard_row_update_equals_a_float64_loop(kind):
     torch.testing.assert_close(s.shard.tables["output"].double(), table, rtol=1e-6, atol=1e-7)
     for k, v in state.items():
         torch.testing.assert_close(s.shard.state["output"][k].double(), v, rtol=2e-5, atol=1e-9)
+
+
+def test_sync_shard_applies_one_workers_pushes_in_step_order():
+    """Ray does not order an asyncio actor's calls: a sync shard that gets step 2 before
+    step 1 holds it back, so the rows equal those of pushes in order."""
+    n, gen = 20, torch.Generator().manual_seed(2)
+    pushes = [
+        (torch.randperm(n, generator=gen)[:5].sort().values, torch.randn(5, 8)) for _ in range(3)
+    ]
+    _, in_order = make_store(n, 1)
+    _, shuffled = make_store(n, 1)
+    for step in (1, 2, 3):
+        ids, grad = pushes[step - 1]
+        in_order[0].push(1, 0, step, {"output": ids.numpy()}, {"output": grad.numpy()})
+    for step in (2, 3, 1):
+        ids, grad = pushes[step - 1]
+        shuffled[0].push(1, 0, step, {"output": ids.numpy()}, {"output": grad.numpy()})
+        assert shuffled[0].applied == (0 if step != 1 else 3)
+    in_order[0].settle()
+    shuffled[0].settle()
+    torch.testing.assert_close(
+        shuffled[0].shard.tables["output"], in_order[0].shard.tables["output"], rtol=0, atol=0
+    )

@@ -211,16 +211,22 @@ class ShardServer:
         self.check(token)
         if not 0 <= worker < self.num_workers:
             raise ValueError(f"worker must be in [0, {self.num_workers}), got {worker}.")
-        if self.mode == "async" or self.num_workers == 1:
+        if self.mode == "async":
             self._apply(_tensors(ids), _tensors(grads), step)
             self.done[worker] = max(self.done[worker], step)
             return
+        # sync: in step order even when Ray delivers a worker's pushes out of order (it does
+        # not order the calls of an asyncio actor), summed over the workers
         self.pending.setdefault(step, {})[worker] = (ids, grads)
         while len(self.pending.get(self.applied + 1, ())) == self.num_workers:
             s = self.applied + 1
             contributions = self.pending.pop(s)
-            summed = _sum_contributions([contributions[w] for w in sorted(contributions)])
-            self._apply(*summed, s)
+            if self.num_workers == 1:  # the client sent unique ids: nothing to sum
+                self._apply(*(_tensors(part) for part in contributions[0]), s)
+            else:
+                self._apply(
+                    *_sum_contributions([contributions[w] for w in sorted(contributions)]), s
+                )
             self.done = dict.fromkeys(self.done, s)
 
     def push_part(self, token: int, worker: int, step: int, parts: list, index: int) -> None:
