@@ -163,8 +163,9 @@ class ShardedStore:
         request = (self.worker, self._requests)
         asked = [p for p, local in enumerate(part.local_ids) if local.numel()] or [0]
         issued = time.time()
+        remember = request if need < target else None  # only an early pull is refreshed
         futures = [
-            self.backend.call(p, "pull", self.token, part.local_ids[p].numpy(), need, request)
+            self.backend.call(p, "pull", self.token, part.local_ids[p].numpy(), need, remember)
             for p in asked
         ]
         positions = []
