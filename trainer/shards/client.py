@@ -192,6 +192,12 @@ class ShardedStore:
 
     def _refreshes(self, pending: _Pending) -> list:
         """Every asked shard's ``(positions, rows, time)`` since ``pending``'s pull."""
+        if pending.target > self.last_push_step:
+            raise RuntimeError(
+                f"the rows of step {pending.step} must reflect step {pending.target}, but this "
+                f"client pushed only up to step {self.last_push_step}; push step "
+                f"{pending.target} before pulling step {pending.step}."
+            )
         if pending.refresh is None:  # no push carried it: ask now
             pending.refresh_issued = time.time()
             pending.refresh = [
