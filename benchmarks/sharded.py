@@ -1,22 +1,24 @@
 """Sharded training on Ray vs the in-process trainer: examples/s and a per-step breakdown.
 
-    python -m benchmarks.sharded                             # 1M items, dim 64, batch 512, 4096 sampled
+    python -m benchmarks.sharded --steps 30 --modes sync async --batch 512 4096   # the table
     python -m benchmarks.sharded --num-items 100000 --steps 10   # a quick run
-    python -m benchmarks.sharded --shards 4 --modes sync async --no-prefetch
+    python -m benchmarks.sharded --shards 2 --depth 1 2 --no-prefetch
 
 Every row trains the same synthetic data with the same config in this run: the in-process
 :class:`trainer.train.Trainer`'s steps (one torch thread unless ``--threads``), and one Ray
 trainer worker with 1, 2 and 4 shard actors on an embedded Ray (127.0.0.1), timed by
-:func:`trainer.distributed.driver.bench_steps`. Each Ray row is
-compared with an in-process measurement taken just before it (``vs in-process``; the
-in-process row pools them). ``examples/s`` comes from the median step time of ``--steps``
-steps after ``--warmup`` steps; the phases are means per step (ms):
+:func:`trainer.distributed.driver.bench_steps`. Each Ray row is compared with an in-process
+measurement of the same batch size taken just before it (``vs in-process``; the in-process
+rows pool them). ``examples/s`` comes from the median step time of ``--steps`` steps after
+``--warmup`` steps; the phases are means per step (ms):
 
 * ``prep``: building the batch and drawing negatives (overlaps the shards' work when sharded);
 * ``pull`` / ``push``: client CPU for routing, issuing and reassembling (in process: the
   row gather / the row optimizer);
 * ``compute``: forward, backward and the dense optimizer step;
-* ``wait``: time blocked on shard replies that prefetching did not hide.
+* ``wait``: time blocked on shard replies that the pipeline did not hide;
+* ``transfer``: the replies' latencies (issue to answer, hidden or not), and ``overlap`` =
+  1 - wait / transfer, the fraction of the transfer time hidden behind other work.
 
 Ray's actors run at niceness 0 here, like the in-process loop (Ray's default is 15).
 """
@@ -117,22 +119,29 @@ def rate(t: dict) -> float:
     return t["examples"] / t["steps"] / float(np.median(t["step_seconds"]))
 
 
-def row(name: str, shards, mode: str, prefetch, t: dict, base: dict | None) -> list:
+HEADERS = ["trainer", "batch", "shards", "mode", "depth", "examples/s", "vs in-process"]
+HEADERS += ["median step", "prep", "pull", "compute", "push", "wait", "transfer", "overlap"]
+
+
+def row(name: str, batch: int, shards, mode: str, depth, t: dict, base: dict | None) -> list:
     ms = 1000.0 / t["steps"]
+    transfer = t.get("transfer", 0.0)
     return [
         name,
+        batch,
         shards,
         mode,
-        prefetch,
+        depth,
         rate(t),
         "1.00x" if base is None else f"{rate(t) / rate(base):.2f}x",
         1000.0 * float(np.median(t["step_seconds"])),
-        t["total"] * ms,
         t["prepare"] * ms,
         t["pull"] * ms,
         t["compute"] * ms,
         t["push"] * ms,
         t["wait"] * ms,
+        transfer * ms,
+        f"{1.0 - t['wait'] / transfer:.0%}" if transfer > 0 else "-",
     ]
 
 
@@ -140,76 +149,86 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--num-items", type=int, default=1_000_000)
     p.add_argument("--dim", type=int, default=64)
-    p.add_argument("--batch", type=int, default=512)
+    p.add_argument("--batch", type=int, nargs="+", default=[512])
     p.add_argument("--num-sampled", type=int, default=4096)
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--shards", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--modes", nargs="+", default=["sync"], choices=["sync", "async"])
+    p.add_argument("--depth", type=int, nargs="+", default=[2], help="distributed.pipeline_depth")
     p.add_argument("--no-prefetch", action="store_true", help="also run without prefetching")
     p.add_argument("--threads", type=int, default=1, help="torch threads of the in-process run")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = p.parse_args(argv)
 
     batches = args.steps + args.warmup + 1
-    users = max(200, math.ceil(batches * args.batch / 25))
+    users = max(200, math.ceil(batches * max(args.batch) / 25))
     syn = SyntheticConfig(num_users=users, num_items=args.num_items, seed=0)
     out = Path(tempfile.mkdtemp(prefix="bench-sharded-"))
     cfg = TrainConfig(
         data=DataConfig(synthetic=syn),
         model=ModelConfig(embedding_dim=args.dim),
         loss=LossConfig(num_sampled=args.num_sampled),
-        batch_size=args.batch,
-        device="cpu",
+        device=args.device,
         progress=False,
         num_threads=args.threads,
         out_dir=out,
     )
     torch.set_num_threads(args.threads)
     ds = load_dataset(cfg.data)
-    if len(ds.train_positions) < batches * args.batch:
+    if len(ds.train_positions) < batches * max(args.batch):
         raise ValueError(
-            f"{len(ds.train_positions)} training examples, {batches * args.batch} needed; "
+            f"{len(ds.train_positions)} training examples, {batches * max(args.batch)} needed; "
             f"lower --steps or --batch."
         )
     print(f"machine: {machine()}")
     print(
-        f"{args.num_items:,} items, dim {args.dim}, batch {args.batch}, {args.num_sampled} "
-        f"sampled, {args.steps} steps after {args.warmup} warm-up; ms per step"
+        f"{args.num_items:,} items, dim {args.dim}, {args.num_sampled} sampled, device "
+        f"{args.device}, {args.steps} steps after {args.warmup} warm-up; ms per step"
     )
-    headers = ["trainer", "shards", "mode", "prefetch", "examples/s", "vs in-process"]
-    headers += ["median step", "mean step", "prep", "pull", "compute", "push", "wait"]
     try:
-        rows = compare(args, cfg, ds, headers)
+        rows = compare(args, cfg, ds)
     finally:
         shutil.rmtree(out, ignore_errors=True)
     print()
-    print(table(headers, rows))
+    print(table(HEADERS, rows))
 
 
-def compare(args, cfg: TrainConfig, ds, headers: list[str]) -> list[list]:
-    """The in-process loop and the Ray rows, each Ray row paired with a fresh baseline."""
-    local = InProcess(cfg, ds)
-    base_runs, rows = [], []
+def compare(args, cfg: TrainConfig, ds) -> list[list]:
+    """Per batch size, the in-process loop and the Ray rows, each Ray row paired with a fresh
+    in-process baseline."""
+    rows = []
     # Ray starts its workers at niceness 15; the in-process baseline runs at 0, so on a busy
     # machine the comparison would measure the scheduler. Give the actors the same priority.
     cpus = max(2, int(np.ceil(0.1 * max(args.shards) + 1)))
     with local_ray(cpus, _system_config={"worker_niceness": 0}):
-        for mode in args.modes:
-            for prefetch in [True, False] if args.no_prefetch else [True]:
-                for num_shards in args.shards:
-                    base_runs.append(local.measure(args.steps, args.warmup))
-                    dist = DistributedConfig(
-                        num_shards=num_shards,
-                        mode=mode,
-                        max_staleness=1,
-                        prefetch=prefetch,
-                        shard_checkpoint_every=10**9,
-                    )
-                    run_cfg = cfg.model_copy(update={"distributed": dist, "num_threads": None})
-                    t = bench_steps(run_cfg, ds, args.steps, args.warmup)  # 1 worker
-                    rows.append(row("Ray, 1 worker", num_shards, mode, prefetch, t, base_runs[-1]))
-                    print(table(headers, rows[-1:]).splitlines()[-1], flush=True)
-    rows.insert(0, row(f"in-process ({args.threads} thr)", "-", "-", "-", merge(base_runs), None))
+        for batch in args.batch:
+            bcfg = cfg.model_copy(update={"batch_size": batch})
+            local = InProcess(bcfg, ds)
+            base_runs, batch_rows = [], []
+            for mode in args.modes:
+                variants = [(True, d) for d in args.depth] + [(False, 1)] * args.no_prefetch
+                for prefetch, depth in variants:
+                    for num_shards in args.shards:
+                        base_runs.append(local.measure(args.steps, args.warmup))
+                        dist = DistributedConfig(
+                            num_shards=num_shards,
+                            mode=mode,
+                            max_staleness=1,
+                            prefetch=prefetch,
+                            pipeline_depth=depth,
+                            shard_checkpoint_every=10**9,
+                        )
+                        run_cfg = bcfg.model_copy(update={"distributed": dist, "num_threads": None})
+                        t = bench_steps(run_cfg, ds, args.steps, args.warmup)  # 1 worker
+                        name = "Ray, 1 worker"
+                        shown = depth if prefetch else "off"
+                        r = row(name, batch, num_shards, mode, shown, t, base_runs[-1])
+                        batch_rows.append(r)
+                        print(table(HEADERS, [r]).splitlines()[-1], flush=True)
+            name = f"in-process ({args.threads} thr)"
+            rows.append(row(name, batch, "-", "-", "-", merge(base_runs), None))
+            rows.extend(batch_rows)
     return rows
 
 

@@ -64,6 +64,12 @@ class DistributedConfig(_Strict):
     use_ray: bool = Field(False, description="force Ray even with one shard and one worker")
     shard_checkpoint_every: int = Field(200, ge=1, description="steps between shard checkpoints")
     prefetch: bool = True
+    pipeline_depth: int = Field(
+        2,
+        ge=1,
+        description="pulls in flight when a step starts: its own and the next depth-1 steps' "
+        "(1: the next step's pull leaves after this step's push; >= 2 overlaps compute)",
+    )
     shard_cpus: float = Field(0.1, gt=0.0, description="Ray CPUs reserved per shard actor")
     worker_cpus: float | None = Field(
         None, gt=0.0, description="Ray CPUs per trainer worker (None: share the rest, <= 1)"

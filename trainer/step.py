@@ -168,8 +168,8 @@ def train_step(
     ``store`` has ``pull(ids) -> {table: rows}`` and ``push(ids_by_table, grads, step)``.
     """
     all_ids, in_ids, out_ids = step_ids(batch, negatives, num_items)
-    rows = store.pull(all_ids)
-    leaves = {n: r.to(device).requires_grad_() for n, r in rows.items()}
+    rows = store.pull(all_ids)  # pinned when the store feeds a GPU: the copies are async
+    leaves = {n: r.to(device, non_blocking=True).requires_grad_() for n, r in rows.items()}
     local = lambda ids: torch.searchsorted(all_ids, ids.cpu()).to(device)  # noqa: E731
     hist = batch.history.to(device)
     hist_local = torch.where(hist >= 0, local(batch.history.clamp(min=0)), 0)
@@ -210,7 +210,6 @@ def train_step(
             ).mean()
     dense_opt.zero_grad(set_to_none=True)
     loss.backward()
-    dense_opt.step()
     grads, ids = {}, {}
     for name, leaf in leaves.items():
         used = in_ids if name == "input" else out_ids
@@ -219,5 +218,6 @@ def train_step(
         sel = torch.searchsorted(all_ids, used)
         ids[name] = used
         grads[name] = leaf.grad[sel.to(device)].detach().cpu()
-    store.push(ids, grads, step)
+    store.push(ids, grads, step)  # first, so the dense step overlaps the push's round trip
+    dense_opt.step()
     return loss.detach().item()

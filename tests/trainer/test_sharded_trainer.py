@@ -139,6 +139,28 @@ def test_pipelined_epoch_equals_local_epoch(tmp_path, loop_data):
     )
 
 
+@pytest.mark.parametrize("depth", [1, 3])
+def test_sync_pipeline_of_any_depth_equals_local_epoch(tmp_path, loop_data, depth):
+    """Depth 1 pulls after each push; deeper pipelines pull early and are refreshed: the
+    same losses, tables and tower as the in-process trainer, exactly."""
+    cfg = loop_config(tmp_path, pipeline_depth=depth)
+    local = Trainer(cfg, loop_data)
+    expected = local.train_epoch()
+    sharded = sharded_trainer(cfg, loop_data)
+    log = sharded.run_epoch()
+    assert combine_epoch_losses([log]) == expected
+    t = sharded.store.times
+    assert t.prefetch_hits == len(log)
+    if depth == 1:
+        assert t.refreshes == 0
+    else:  # every step after the first was pulled early, then refreshed
+        assert t.refreshes == len(log) - 1 and 0 < t.refreshed_rows < t.rows
+    for name, table in local.store.full_tables().items():
+        torch.testing.assert_close(sharded.store.full_tables()[name], table, rtol=0, atol=0)
+    for mine, theirs in zip(sharded.tower.parameters(), local.tower.parameters()):
+        torch.testing.assert_close(mine, theirs, rtol=0, atol=0)
+
+
 def test_mid_epoch_checkpoint_resumes_exactly(tmp_path, loop_data):
     """The checkpoint keeps the sampler state from before the prefetched batch's draw."""
     cfg = loop_config(tmp_path, shard_checkpoint_every=5)

@@ -114,11 +114,13 @@ def test_prefetch_is_collected_by_the_matching_pull():
     other = store.pull(torch.tensor([4, 9]))  # different ids: the prefetch is dropped
     assert store.times.prefetch_hits == 1
     torch.testing.assert_close(other["output"], first["output"][:2])
-    store.prefetch_after_push(ids, 2)
+    store.prefetch(ids, 2)  # issued before step 1's push: that push carries its refresh
     store.push({"bias": torch.tensor([4])}, {"bias": torch.ones(1)}, 1)
-    after = store.pull(ids)  # issued after the push, so it sees it
-    assert store.times.prefetch_hits == 2
-    assert after["bias"][0] != first["bias"][0]
+    after = store.pull(ids)
+    assert store.times.prefetch_hits == 2 and store.times.refreshes == 1
+    assert store.times.refreshed_rows == 1  # row 4 only
+    assert after["bias"][0] != first["bias"][0] and after["bias"][2] == after["bias"][0]
+    torch.testing.assert_close(after["output"], first["output"], rtol=0, atol=0)
 
 
 # --- the shard's bookkeeping -----------------------------------------------------------------
@@ -149,7 +151,7 @@ def test_pushes_are_applied_lazily_row_by_row():
     s.push(1, 0, 1, {"bias": np.array([1, 2, 3])}, {"bias": np.ones(3, np.float32)})
     assert s.applied == 1 and len(s.deferred) == 1  # counted, recorded, not applied yet
     assert float(s.shard.tables["bias"][1]) == 0.0
-    rows = s.pull(1, np.array([2, 5]), 1)  # applies the pending update of row 2 only
+    rows, _ = s.pull(1, np.array([2, 5]), 1)  # applies the pending update of row 2 only
     assert rows["bias"][0] == pytest.approx(-0.05) and rows["bias"][1] == 0.0
     assert float(s.shard.tables["bias"][1]) == 0.0 and len(s.deferred) == 1
     s.settle()
@@ -219,3 +221,92 @@ def test_references_name_their_layout():
         check_ref(ref, 3, 20, "mod")
     with pytest.raises(ValueError, match="in-process trainer"):
         store.load_state_dict({"shards": []})
+
+
+# --- the pipeline's refresh and the vectorised row update ------------------------------------
+def test_refresh_brings_an_early_pull_up_to_date_with_every_workers_push():
+    """Sync, 2 workers, 2 shards: a pull for step 2 issued before step 1's pushes, refreshed by
+    worker 0's push, equals a pull issued after both workers' pushes."""
+    n = 40
+    a, _ = make_store(n, 2, workers=2)
+    b = ShardedStore(a.backend, n, "mod", token=1, worker=1)
+    ref, _ = make_store(n, 2, workers=2)
+    ref_b = ShardedStore(ref.backend, n, "mod", token=1, worker=1)
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.tensor([0, 1, 2, 5, 8, 13, 21, 34])
+    a.prefetch(ids, 2)  # answered now: rows as of step 0
+    pushes = [(w, torch.randperm(n, generator=gen)[:6]) for w in (0, 1)]
+    grads = {w: torch.randn(6, 8, generator=gen) for w, _ in pushes}
+    for store, other in ((a, b), (ref, ref_b)):
+        for w, rows in pushes:
+            (store if w == 0 else other).push({"output": rows}, {"output": grads[w]}, 1)
+    got = a.pull(ids)  # the refresh came back with worker 0's push, once worker 1's was in
+    expected = ref.pull(ids)
+    assert a.times.refreshes == 1 and a.times.prefetch_hits == 1
+    changed = set(torch.cat([r for _, r in pushes]).tolist()) & set(ids.tolist())
+    assert a.times.refreshed_rows == len(changed) > 0  # only the rows the pushes changed
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=0)
+
+
+def _loop_reference(kind: str, table, state, rows, grad, step, cfg: OptimConfig):
+    """The row optimizer, one row at a time, in float64."""
+    b1, b2 = cfg.betas
+    for i, r in enumerate(rows.tolist()):
+        g = grad[i]
+        if kind == "sgd":
+            table[r] -= cfg.embedding_lr * g
+        elif kind == "adagrad":
+            state["acc"][r] += g * g
+            table[r] -= cfg.embedding_lr * g / (state["acc"][r].sqrt() + 1e-10)
+        else:
+            state["m"][r] = b1 * state["m"][r] + (1 - b1) * g
+            state["v"][r] = b2 * state["v"][r] + (1 - b2) * g * g
+            size = cfg.embedding_lr * (1 - b2**step) ** 0.5 / (1 - b1**step)
+            table[r] -= size * state["m"][r] / (state["v"][r].sqrt() + cfg.eps)
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adagrad", "adam"])
+def test_shard_row_update_equals_a_float64_loop(kind):
+    """Deferred pushes of several steps, applied by the server's vectorised update (partly by
+    a pull's settle, the rest after), against a per-row float64 loop."""
+    n, optim = 64, OptimConfig(embedding_optimizer=kind, embedding_lr=0.05)
+    _, servers = make_store(n, 1, optim=optim)
+    s = servers[0]
+    table = s.shard.tables["output"].double().clone()
+    state = {k: v.double().clone() for k, v in s.shard.state["output"].items()}
+    gen = torch.Generator().manual_seed(1)
+    for step in range(1, 6):
+        rows = torch.randperm(n, generator=gen)[:20]
+        grad = torch.randn(20, 8, generator=gen)
+        s.push(1, 0, step, {"output": rows.numpy()}, {"output": grad.numpy()})
+        _loop_reference(kind, table, state, rows, grad.double(), step, optim)
+        if step == 3:
+            s.pull(1, np.arange(0, n, 5), step)  # settles some rows of steps 1-3 first
+    s.settle()
+    torch.testing.assert_close(s.shard.tables["output"].double(), table, rtol=1e-6, atol=1e-7)
+    for k, v in state.items():
+        torch.testing.assert_close(s.shard.state["output"][k].double(), v, rtol=2e-5, atol=1e-9)
+
+
+def test_sync_shard_applies_one_workers_pushes_in_step_order():
+    """Ray does not order an asyncio actor's calls: a sync shard that gets step 2 before
+    step 1 holds it back, so the rows equal those of pushes in order."""
+    n, gen = 20, torch.Generator().manual_seed(2)
+    pushes = [
+        (torch.randperm(n, generator=gen)[:5].sort().values, torch.randn(5, 8)) for _ in range(3)
+    ]
+    _, in_order = make_store(n, 1)
+    _, shuffled = make_store(n, 1)
+    for step in (1, 2, 3):
+        ids, grad = pushes[step - 1]
+        in_order[0].push(1, 0, step, {"output": ids.numpy()}, {"output": grad.numpy()})
+    for step in (2, 3, 1):
+        ids, grad = pushes[step - 1]
+        shuffled[0].push(1, 0, step, {"output": ids.numpy()}, {"output": grad.numpy()})
+        assert shuffled[0].applied == (0 if step != 1 else 3)
+    in_order[0].settle()
+    shuffled[0].settle()
+    torch.testing.assert_close(
+        shuffled[0].shard.tables["output"], in_order[0].shard.tables["output"], rtol=0, atol=0
+    )

@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -142,7 +143,9 @@ class ShardedTrainer(Trainer):
             self.dense_opt = AllReduceOptimizer(self.dense_opt, self.tower.parameters())
         d = cfg.distributed
         self.prefetch = d.prefetch
-        self.prefetch_early = d.mode == "async" and d.max_staleness >= 1
+        self.depth = d.pipeline_depth
+        if self.device.type == "cuda":
+            store.pin_memory = True  # pulled rows go to the GPU with non_blocking copies
         self.epoch_log: list[tuple[float, int]] = []  # this worker's (loss, examples) per step
         self.peer_states: list[WorkerState] | None = None
         self.times = WorkerTimes()
@@ -190,6 +193,11 @@ class ShardedTrainer(Trainer):
     def run_epoch(self, max_steps: int | None = None) -> list[tuple[float, int]]:
         """Train on the rest of the current epoch (or ``max_steps`` steps of it).
 
+        The pipeline: before step ``t`` computes, the pulls of steps ``t .. t + depth - 1``
+        are in flight (the store refreshes the early ones with the rows later pushes change,
+        see :meth:`~trainer.shards.client.ShardedStore.prefetch`), and one batch more is
+        prepared while they travel. Pushes are not waited for.
+
         Returns:
             This worker's ``(loss, examples)`` for every step of the epoch so far (including
             steps restored from a checkpoint).
@@ -199,31 +207,36 @@ class ShardedTrainer(Trainer):
         end = n_batches if max_steps is None else min(n_batches, self.batch_in_epoch + max_steps)
         self.tower.train()
         start = time.perf_counter()
-        nxt = self.prepare(order, self.batch_in_epoch) if self.batch_in_epoch < end else None
-        if self.prefetch and nxt is not None and nxt.ids is not None:
-            self.store.prefetch(nxt.ids, self.global_step + 1)
+        ahead: deque[Prepared] = deque()  # prepared batches of steps global_step + 1, ...
+        issued = 0  # how many of them have their pull in flight
+        nb = self.batch_in_epoch  # the next batch to prepare
         while self.batch_in_epoch < end:
             step_start = time.perf_counter()
-            cur, step = nxt, self.global_step + 1
-            b = self.batch_in_epoch + 1
-            nxt = self.prepare(order, b) if b < end else None
-            if self.prefetch and nxt is not None and nxt.ids is not None:
-                if self.prefetch_early:
-                    self.store.prefetch(nxt.ids, step + 1)
-                else:
-                    self.store.prefetch_after_push(nxt.ids, step + 1)
+            step = self.global_step + 1
+            while len(ahead) < self.depth and nb < end:
+                ahead.append(self.prepare(order, nb))
+                nb += 1
+            while self.prefetch and issued < len(ahead):
+                if ahead[issued].ids is not None:
+                    self.store.prefetch(ahead[issued].ids, step + issued)
+                issued += 1
+            if nb < end:  # one more, while the pulls are in flight
+                ahead.append(self.prepare(order, nb))
+                nb += 1
+            cur = ahead.popleft()
+            issued = max(issued - 1, 0)
             loss, n = self.step(cur, step)
+            b = self.batch_in_epoch + 1
             self.global_step, self.batch_in_epoch = step, b
             self.epoch_log.append((loss, n))
             self.times.steps += 1
             self.times.examples += n
             self.times.step_seconds.append(time.perf_counter() - step_start)
             if self.checkpoint_due(step) and b < n_batches:
-                self.gather_peer_states(nxt.gen_before if nxt is not None else None)
+                self.gather_peer_states(ahead[0].gen_before if ahead else None)
                 if self.rank == 0:
                     self.save_checkpoint()
-        self.store.flush()
-        self.store.cancel_prefetch()
+        self.store.close()
         self.times.total += time.perf_counter() - start
         self.gather_peer_states(None)
         return list(self.epoch_log)

@@ -13,7 +13,10 @@ Consistency model. A pull for step ``t`` carries ``need = t - 1 - staleness``: t
 once every worker's pushes up to step ``need`` are applied (``sync`` mode: ``staleness = 0``,
 so a pull always sees every earlier push, whatever order Ray delivers the calls in). The shard
 waits for that condition itself (:meth:`ShardServer.ready`), so correctness never depends on
-Ray's actor-call ordering, which is not guaranteed for async actors or retried calls.
+Ray's actor-call ordering, which is not guaranteed for async actors or retried calls. A pull
+issued earlier than that (the pipeline) is answered at once and then refreshed: the shard keeps
+a version per row and sends, once step ``need`` is applied, only the rows changed since the
+pull (:meth:`ShardServer.refresh`), so an early pull ends up exactly as a late one would.
 
 Shapes: ``N`` ids in a request, ``D`` a table's row size (tables of size 0 are vectors
 ``[N]``), ``P`` shards.

@@ -93,15 +93,30 @@ class ShardActor:
         async with cond:
             cond.notify_all()
 
-    async def pull(self, token: int, local_ids: np.ndarray, need: int) -> dict:
+    async def pull(self, token: int, local_ids: np.ndarray, need: int, request=None):
         await self._wait(need, token)
-        rows = self.server.pull(token, local_ids, need)
+        rows = self.server.pull(token, local_ids, need, request)
+        if request is not None:
+            await self._notify()  # a refresh of this request may be waiting for it
         asyncio.get_running_loop().call_soon(self.server.settle)  # the rest, after replying
         return rows
 
-    async def push_part(self, token: int, worker: int, step: int, parts: list, index: int):
+    async def refresh(self, token: int, request: tuple, need: int):
+        cond = self._condition()
+        async with cond:
+            await cond.wait_for(lambda: self.server.refreshable(token, request, need))
+        out = self.server.refresh(token, request, need)
+        asyncio.get_running_loop().call_soon(self.server.settle)
+        return out
+
+    async def push_part(
+        self, token: int, worker: int, step: int, parts: list, index: int, refresh=()
+    ):
+        """The push, then the refreshes ``[(request, need), ...]`` asked with it (their
+        answers, in order: one round trip for the push and the next step's changed rows)."""
         self.server.push_part(token, worker, step, parts, index)
         await self._notify()
+        return [await self.refresh(token, request, need) for request, need in refresh]
 
     async def tables(self, token: int) -> dict:
         return self.server.tables(token)

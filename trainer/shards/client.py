@@ -5,7 +5,8 @@
 routes them with :func:`sampler.routing.partition`, and issues at once (futures) ONE pull to
 each shard that holds some of them and ONE push to every shard (the pushes' payload is
 serialised once and shared), then puts the rows back in place with the partition's ``order``.
-It can prefetch the next step's rows. The transport (:class:`~trainer.shards.local.LocalShards`
+It pipelines: pulls of the next steps are in flight while a step computes, refreshed with the
+rows the pushes in between changed (:meth:`ShardedStore.prefetch`). The transport (:class:`~trainer.shards.local.LocalShards`
 or :class:`~trainer.shards.actor.RayShards`) is handed in. No Ray import here; see
 :mod:`trainer.shards` for the consistency model and the shapes.
 """
@@ -30,20 +31,35 @@ class StepTimes:
     """Seconds spent by the client, summed over steps (see :meth:`ShardedStore.times`)."""
 
     pull: float = 0.0  # routing, issuing and reassembling pulls (client CPU)
-    wait: float = 0.0  # blocked on shard replies (not hidden by prefetching)
+    wait: float = 0.0  # blocked on shard replies (not hidden by the pipeline)
     push: float = 0.0  # routing, scaling and issuing pushes (client CPU)
+    transfer: float = 0.0  # the replies' latencies, issue to answer (hidden or not)
     pulls: int = 0
     prefetch_hits: int = 0
+    refreshes: int = 0  # early pulls brought up to date by a refresh
     rows: int = 0
+    refreshed_rows: int = 0
+
+    @property
+    def overlap(self) -> float:
+        """The fraction of the transfer time hidden behind other work (1: all of it)."""
+        return 1.0 - self.wait / self.transfer if self.transfer > 0 else 1.0
 
 
 @dataclass
 class _Pending:
     ids: torch.Tensor  # the unique sorted ids requested
     inverse: torch.Tensor | None  # rows of ``ids`` -> the caller's order (None: the same)
+    asked: list[int]  # the shards asked
     positions: list[torch.Tensor]  # per asked shard: where its rows go in ``ids``
     futures: list
     step: int
+    need: int  # the step the shards' answers reflect at least
+    target: int  # the step the rows must reflect (sync: step - 1)
+    request: tuple[int, int]
+    issued: float  # wall-clock time of the pull
+    refresh: list | None = None  # per asked shard: a future of [refresh answer]
+    refresh_issued: float = 0.0
 
     def same_ids(self, flat: torch.Tensor) -> bool:
         asked = self.ids if self.inverse is None else self.ids[self.inverse]
@@ -65,6 +81,12 @@ def _read_only(array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.asarray(array))
 
 
+def _latency(issued: float, served: float, waited: float, got: float) -> float:
+    """A reply's latency: until it was in hand when we waited for it, else until the shard
+    answered (wall clock of the same host)."""
+    return max(0.0, (got if waited > 1e-4 else served) - issued)
+
+
 @dataclass
 class _Push:
     step: int
@@ -84,9 +106,16 @@ class ShardedStore:
         staleness: 0 for sync training; async: a pull for step t may miss pushes after step
             ``t - 1 - staleness``.
         timeout: seconds to wait for a shard's reply (None: forever).
+        pin_memory: put pulled rows in pinned memory (for ``non_blocking`` copies to a GPU).
 
     ``grad_scale`` multiplies pushed gradients (a worker's share of the global batch);
     ``times`` accumulates the client's time per phase.
+
+    The pipeline: :meth:`prefetch` pulls a later step's rows *now*, from whatever the shards
+    hold once this client's own last push is in; the push of the step the rows must reflect
+    (``step - 1 - staleness``) then carries a refresh, answered in the same round trip with
+    only the rows that changed since that pull (the shards keep a version per row). So a pull
+    always sees exactly what the consistency model promises, however early it was issued.
     """
 
     def __init__(
@@ -98,6 +127,7 @@ class ShardedStore:
         worker: int = 0,
         staleness: int = 0,
         timeout: float | None = None,
+        pin_memory: bool = False,
     ) -> None:
         routing.check_strategy(partition_strategy)
         if staleness < 0:
@@ -110,15 +140,16 @@ class ShardedStore:
         self.worker = worker
         self.staleness = staleness
         self.timeout = timeout
+        self.pin_memory = pin_memory
         self.grad_scale = 1.0
         self.last_push_step = 0
         self.times = StepTimes()
         self._prefetches: deque[_Pending] = deque()
-        self._after_push: tuple[torch.Tensor, int] | None = None
         self._pushes: deque[_Push] = deque()
+        self._requests = 0
 
     # --- pulls ------------------------------------------------------------------------------
-    def _issue_pull(self, ids: torch.Tensor, step: int) -> _Pending:
+    def _issue_pull(self, ids: torch.Tensor, step: int, need: int) -> _Pending:
         start = time.perf_counter()
         flat = torch.as_tensor(ids).reshape(-1).long()
         uniq, inverse = _sorted_unique(flat)
@@ -127,47 +158,102 @@ class ShardedStore:
                 f"ids must be in [0, {self.num_rows}), got [{int(uniq[0])}, {int(uniq[-1])}]."
             )
         part = routing.partition(uniq, self.num_rows, self.num_shards, self.partition_strategy)
-        need = step - 1 - self.staleness
+        target = step - 1 - self.staleness
+        self._requests += 1
+        request = (self.worker, self._requests)
         asked = [p for p, local in enumerate(part.local_ids) if local.numel()] or [0]
+        issued = time.time()
+        remember = request if need < target else None  # only an early pull is refreshed
         futures = [
-            self.backend.call(p, "pull", self.token, part.local_ids[p].numpy(), need) for p in asked
+            self.backend.call(p, "pull", self.token, part.local_ids[p].numpy(), need, remember)
+            for p in asked
         ]
         positions = []
         if len(asked) > 1:  # rows of shard p fill positions order[offset_p : offset_p + n_p]
             positions = list(torch.split(part.order, [t.numel() for t in part.local_ids]))
             positions = [positions[p] for p in asked]
         self.times.pull += time.perf_counter() - start
-        return _Pending(uniq, inverse, positions, futures, step)
+        return _Pending(
+            uniq, inverse, asked, positions, futures, step, need, target, request, issued
+        )
+
+    def _get(self, futures: list, issued: float, first: bool = False) -> list:
+        """Replies ``(..., served time)`` (``first``: the first of each reply's list), timing
+        the wait and the latency."""
+        start = time.perf_counter()
+        results = self.backend.get(futures, self.timeout)
+        if first:
+            results = [r[0] for r in results]
+        waited = time.perf_counter() - start
+        self.times.wait += waited
+        served = max(r[-1] for r in results)
+        self.times.transfer += _latency(issued, served, waited, time.time())
+        return results
+
+    def _refreshes(self, pending: _Pending) -> list:
+        """Every asked shard's ``(positions, rows, time)`` since ``pending``'s pull."""
+        if pending.target > self.last_push_step:
+            raise RuntimeError(
+                f"the rows of step {pending.step} must reflect step {pending.target}, but this "
+                f"client pushed only up to step {self.last_push_step}; push step "
+                f"{pending.target} before pulling step {pending.step}."
+            )
+        if pending.refresh is None:  # no push carried it: ask now
+            pending.refresh_issued = time.time()
+            pending.refresh = [
+                self.backend.call(p, "refresh", self.token, pending.request, pending.target)
+                for p in pending.asked
+            ]
+            return self._get(pending.refresh, pending.refresh_issued)
+        return self._get(pending.refresh, pending.refresh_issued, first=True)
 
     def _collect(self, pending: _Pending) -> dict[str, torch.Tensor]:
+        results = self._get(pending.futures, pending.issued)
         start = time.perf_counter()
-        results = self.backend.get(pending.futures, self.timeout)
-        mid = time.perf_counter()
-        self.times.wait += mid - start
+        n = pending.ids.numel()
         rows: dict[str, torch.Tensor] = {}
-        for name in results[0]:
+        for name in results[0][0]:  # reassembled while the refresh may still be travelling
+            first = _read_only(results[0][0][name])
+            out = torch.empty((n, *first.shape[1:]), dtype=first.dtype, pin_memory=self.pin_memory)
             if len(results) == 1:  # one shard: its rows are already in id order
-                out = torch.from_numpy(np.array(results[0][name]))
+                out.copy_(first)
             else:  # one copy: every shard's rows straight to their positions
-                first = _read_only(results[0][name])
-                out = first.new_empty((pending.ids.numel(), *first.shape[1:]))
-                for pos, result in zip(pending.positions, results):
+                for pos, (result, _) in zip(pending.positions, results):
                     out.index_copy_(0, pos, _read_only(result[name]))
-            rows[name] = out if pending.inverse is None else out.index_select(0, pending.inverse)
+            rows[name] = out
+        self.times.pull += time.perf_counter() - start
+        if pending.need < pending.target:
+            self._apply_refresh(pending, rows)
+        start = time.perf_counter()
+        if pending.inverse is not None:
+            rows = {name: out.index_select(0, pending.inverse) for name, out in rows.items()}
         self._reap(pending.step - 1 - self.staleness)
-        self.times.pull += time.perf_counter() - mid
+        self.times.pull += time.perf_counter() - start
         self.times.pulls += 1
-        self.times.rows += pending.ids.numel()
+        self.times.rows += n
         return rows
+
+    def _apply_refresh(self, pending: _Pending, rows: dict[str, torch.Tensor]) -> None:
+        """Overwrite the rows the shards changed since ``pending``'s pull (in place)."""
+        refreshed = self._refreshes(pending)
+        start = time.perf_counter()
+        for i, (where, changed, _) in enumerate(refreshed):
+            where = torch.from_numpy(np.asarray(where))
+            if where.numel():
+                where = pending.positions[i][where] if pending.positions else where
+                for name, out in rows.items():
+                    out.index_copy_(0, where, _read_only(changed[name]))
+        self.times.refreshes += 1
+        self.times.refreshed_rows += sum(len(a[0]) for a in refreshed)
+        self.times.pull += time.perf_counter() - start
 
     def prefetch(self, ids: torch.Tensor, step: int) -> None:
         """Start pulling ``ids`` for ``step`` now; the :meth:`pull` of the same ids collects it
-        (prefetches are collected in the order they were issued)."""
-        self._prefetches.append(self._issue_pull(ids, step))
-
-    def prefetch_after_push(self, ids: torch.Tensor, step: int) -> None:
-        """Pull ``ids`` for ``step`` as soon as the next :meth:`push` has been issued."""
-        self._after_push = (torch.as_tensor(ids), step)
+        (prefetches are collected in the order they were issued). The shards answer at once
+        with the rows as of this client's last push; the push of step ``step - 1 -
+        staleness`` (or the pull, if that push came first) refreshes the rows it changed."""
+        need = min(step - 1 - self.staleness, self.last_push_step)
+        self._prefetches.append(self._issue_pull(ids, step, need))
 
     def pull(self, ids: torch.Tensor) -> dict[str, torch.Tensor]:
         """Rows of ``ids`` (any shape, duplicates allowed), flattened: name -> ``[N, D]``.
@@ -182,7 +268,8 @@ class ShardedStore:
                 self.times.prefetch_hits += 1
                 return self._collect(pending)
             self._prefetches.clear()
-        return self._collect(self._issue_pull(flat, self.last_push_step + 1))
+        step = self.last_push_step + 1
+        return self._collect(self._issue_pull(flat, step, step - 1 - self.staleness))
 
     # --- pushes -----------------------------------------------------------------------------
     def push(
@@ -192,7 +279,8 @@ class ShardedStore:
         step: int,
     ) -> None:
         """Send row gradients of ``step``: one call per shard (every shard, even with no rows,
-        so that it can count the step), without waiting for them to be applied.
+        so that it can count the step), without waiting for them to be applied. The calls
+        also carry the refresh of a prefetch that must reflect ``step`` (see :meth:`prefetch`).
 
         Args:
             ids: global ids ``[n]`` for all tables, or a dict table -> ids (duplicates summed).
@@ -222,19 +310,23 @@ class ShardedStore:
             for p, (local, g) in enumerate(zip(part.local_ids, torch.split(order_grad, counts))):
                 per_ids[p][name] = local.numpy()
                 per_grads[p][name] = g.contiguous().numpy()
+        due = next(
+            (q for q in self._prefetches if q.refresh is None and q.need < q.target <= step), None
+        )
         record = _Push(step)
         payload = self.backend.put(list(zip(per_ids, per_grads)))  # serialised once
+        issued = time.time()
         for p in range(self.num_shards):
-            record.futures.append(
-                self.backend.call(p, "push_part", self.token, self.worker, step, payload, p)
-            )
+            args = (self.token, self.worker, step, payload, p)
+            if due is not None and p in due.asked:
+                args += ([(due.request, due.target)],)
+            record.futures.append(self.backend.call(p, "push_part", *args))
+        if due is not None:
+            due.refresh = [record.futures[p] for p in due.asked]
+            due.refresh_issued = issued
         self._pushes.append(record)
         self.last_push_step = max(self.last_push_step, step)
         self.times.push += time.perf_counter() - start
-        if self._after_push is not None:
-            next_ids, next_step = self._after_push
-            self._after_push = None
-            self.prefetch(next_ids, next_step)
 
     def _reap(self, upto: int) -> None:
         """Collect the replies of pushes of steps <= ``upto`` (done by now), raising errors."""
@@ -250,7 +342,11 @@ class ShardedStore:
 
     def cancel_prefetch(self) -> None:
         self._prefetches.clear()
-        self._after_push = None
+
+    def close(self) -> None:
+        """Drop the prefetches and wait for every push to be accepted (nothing is lost)."""
+        self.cancel_prefetch()
+        self.flush()
 
     # --- whole tables and checkpoints -------------------------------------------------------
     def full_tables(self) -> dict[str, torch.Tensor]:

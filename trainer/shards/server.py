@@ -3,14 +3,17 @@
 :class:`ShardServer` owns an :class:`~trainer.embeddings.EmbeddingShard`, fences requests from
 a previous incarnation of the run (``token``), tracks which steps are applied, sums the
 contributions of several workers in ``sync`` mode, applies updates lazily row by row
-(:meth:`ShardServer.settle`), and writes / restores two-slot checkpoints
-(:mod:`trainer.shards.slots`). No Ray import here.
+(:meth:`ShardServer.settle`), keeps a version per row so that an early pull can later be
+brought up to date with only the rows changed since (:meth:`ShardServer.refresh`), and writes /
+restores two-slot checkpoints (:mod:`trainer.shards.slots`). No Ray import here.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import time
+from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,6 +27,7 @@ from trainer.shards.slots import load_slotted, save_slotted
 logger = logging.getLogger(__name__)
 
 SHARD_DIR = "shards"
+MAX_REQUESTS = 256  # remembered early pulls per shard (older ones can no longer be refreshed)
 
 
 class ShardFailure(RuntimeError):
@@ -93,6 +97,9 @@ class ShardServer:
         self.restored_from: str | None = None
         self.loaded = ("ckpt", 0)  # the saved state the rows equal while not dirty
         self.dirty = False
+        self.seq = 0  # recorded updates so far (never goes back, even on restore)
+        self.version = torch.zeros(self.shard.size, dtype=torch.long)  # row -> seq of its update
+        self.requests: OrderedDict[tuple[int, int], tuple[torch.Tensor, int]] = OrderedDict()
         self._load_latest()
 
     # paths
@@ -140,8 +147,13 @@ class ShardServer:
         token is 'ready' too: it is answered with :class:`ShardRestartedError`)."""
         return (token is not None and token != self.token) or self.applied >= need
 
-    def pull(self, token: int, local_ids: np.ndarray, need: int) -> dict[str, np.ndarray]:
-        """Rows ``local_ids`` [N] of every table (``[N, D]`` / ``[N]`` float32 arrays)."""
+    def pull(
+        self, token: int, local_ids: np.ndarray, need: int, request: tuple[int, int] | None = None
+    ) -> tuple[dict[str, np.ndarray], float]:
+        """Rows ``local_ids`` [N] of every table (``[N, D]`` / ``[N]`` float32 arrays) and the
+        wall-clock time they were read. With a ``request`` id (``(worker, n)``) the shard
+        remembers the ids and its update count, so that :meth:`refresh` can later send only
+        the rows changed since."""
         self.check(token)
         if not self.ready(need):
             raise RuntimeError(
@@ -150,7 +162,40 @@ class ShardServer:
             )
         local = torch.from_numpy(np.asarray(local_ids))
         self.settle(local)
-        return {k: v.numpy() for k, v in self.shard.pull(local).items()}
+        if request is not None:
+            self.requests[tuple(request)] = (local, self.seq)
+            while len(self.requests) > MAX_REQUESTS:
+                self.requests.popitem(last=False)
+        rows = {k: v.numpy() for k, v in self.shard.pull(local).items()}
+        return rows, time.time()
+
+    def refreshable(self, token: int, request: tuple[int, int], need: int) -> bool:
+        """Whether :meth:`refresh` can answer now (a stale token: yes, with an error)."""
+        return token != self.token or (self.applied >= need and tuple(request) in self.requests)
+
+    def refresh(
+        self, token: int, request: tuple[int, int], need: int
+    ) -> tuple[np.ndarray, dict[str, np.ndarray], float]:
+        """Bring the rows of an earlier :meth:`pull` ``request`` up to step ``need``.
+
+        Returns:
+            ``(positions [M], rows, time)``: the positions (in the pulled ``local_ids``) of the
+            rows updated since that pull, their current rows per table (``[M, D]`` / ``[M]``),
+            and the wall-clock time.
+        """
+        self.check(token)
+        if not self.refreshable(token, request, need):
+            raise RuntimeError(
+                f"shard {self.shard_id}: refresh of request {request} needs step {need} applied "
+                f"(applied: {self.applied}) and the request's pull served first "
+                f"({tuple(request) in self.requests}); wait with refreshable() first."
+            )
+        local, seq = self.requests.pop(tuple(request))
+        positions = (self.version.index_select(0, local) > seq).nonzero().reshape(-1)
+        changed = local.index_select(0, positions)
+        self.settle(changed)
+        rows = {k: v.numpy() for k, v in self.shard.pull(changed).items()}
+        return positions.numpy(), rows, time.time()
 
     def push(
         self,
@@ -166,21 +211,29 @@ class ShardServer:
         self.check(token)
         if not 0 <= worker < self.num_workers:
             raise ValueError(f"worker must be in [0, {self.num_workers}), got {worker}.")
-        if self.mode == "async" or self.num_workers == 1:
+        if self.mode == "async":
             self._apply(_tensors(ids), _tensors(grads), step)
             self.done[worker] = max(self.done[worker], step)
             return
+        # sync: in step order even when Ray delivers a worker's pushes out of order (it does
+        # not order the calls of an asyncio actor), summed over the workers
         self.pending.setdefault(step, {})[worker] = (ids, grads)
         while len(self.pending.get(self.applied + 1, ())) == self.num_workers:
             s = self.applied + 1
             contributions = self.pending.pop(s)
-            summed = _sum_contributions([contributions[w] for w in sorted(contributions)])
-            self._apply(*summed, s)
+            if self.num_workers == 1:  # the client sent unique ids: nothing to sum
+                self._apply(*(_tensors(part) for part in contributions[0]), s)
+            else:
+                self._apply(
+                    *_sum_contributions([contributions[w] for w in sorted(contributions)]), s
+                )
             self.done = dict.fromkeys(self.done, s)
 
     def push_part(self, token: int, worker: int, step: int, parts: list, index: int) -> None:
         """:meth:`push` of ``parts[index]``: a step's pushes to every shard travel as one
-        object (serialised once), each shard reads its own ``(ids, grads)``."""
+        object (serialised once), each shard reads its own ``(ids, grads)``. The transports
+        answer a ``refresh`` ``(request, need)`` given with it after the push (one round trip
+        for both: see :meth:`refresh`)."""
         self.push(token, worker, step, *parts[index])
 
     def _apply(self, ids: dict[str, torch.Tensor], grads: dict[str, torch.Tensor], step: int):
@@ -189,6 +242,9 @@ class ShardServer:
         if any(g.shape[0] for g in grads.values()):
             self.deferred.append((step, ids, grads))
             self.dirty = True
+            self.seq += 1
+            for rows in ids.values():
+                self.version.index_fill_(0, rows, self.seq)
 
     def settle(self, rows: torch.Tensor | None = None) -> None:
         """Apply recorded updates: all of them, or only those of local ``rows``.
@@ -267,6 +323,8 @@ class ShardServer:
         self.done = dict.fromkeys(self.done, step)
         self.pending = {}
         self.deferred = []
+        self.version.zero_()  # rows before any pull after this point; seq stays monotonic
+        self.requests.clear()
         self.restored_step = step
         self.loaded, self.dirty = (tag, step), False
         self.token = token
