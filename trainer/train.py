@@ -29,6 +29,7 @@ from trainer.embeddings import LocalStore
 from trainer.model import UserEncoder, UserTower
 from trainer.run_state import BEST, CHECKPOINT, RunState, WorkerState
 from trainer.step import Batch, Negatives, make_batch, resolve_device, train_step
+from trainer.storage import run_storage
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +90,7 @@ class Trainer:
         self.best_epoch = -1
         self.bad_epochs = 0
         self.curves: list[dict] = []
-        self.out_dir = Path(cfg.out_dir)
+        self.out_dir = run_storage(cfg)  # checkpoints (a StoragePath: a local path or a URI)
 
     # --- the loop ---------------------------------------------------------------------------
     def fit(self) -> list[dict]:
