@@ -18,6 +18,7 @@ from trainer.artifacts import Artifacts, load_artifacts
 from trainer.artifacts.export import export_artifacts
 from trainer.config import TrainConfig
 from trainer.data import Dataset, load_dataset
+from trainer.storage import publish_artifacts, run_storage
 from trainer.train import TrainResult, evaluate_model, score_function, train_local
 
 logger = logging.getLogger(__name__)
@@ -77,7 +78,7 @@ def run_training(cfg: TrainConfig, resume: bool = False, dataset: Dataset | None
     if result.recoveries is not None:
         results["recoveries"] = result.recoveries
     logger.info("test metrics:\n%s", format_table(_models(results), result.cfg.eval_ks))
-    return export_artifacts(
+    path = export_artifacts(
         Path(result.cfg.out_dir) / "artifacts",
         result.cfg,
         ds,
@@ -86,6 +87,9 @@ def run_training(cfg: TrainConfig, resume: bool = False, dataset: Dataset | None
         result.curves,
         results,
     )
+    if result.cfg.storage:  # the run's storage gets a verified copy
+        publish_artifacts(path, run_storage(result.cfg) / "artifacts")
+    return path
 
 
 def evaluate_artifacts(path: str | Path, data_dir: str | None = None, progress: bool = False):

@@ -262,3 +262,34 @@ def run_storage(cfg) -> StoragePath:
     """Where the run of ``cfg`` (a :class:`~trainer.config.TrainConfig`) keeps its checkpoints
     and artifacts: ``cfg.storage`` if set, else ``cfg.out_dir``."""
     return StoragePath.of(cfg.storage if cfg.storage else cfg.out_dir)
+
+
+def publish_artifacts(local_dir: str | os.PathLike, target: str | StoragePath) -> StoragePath:
+    """Upload the artifact directory ``local_dir`` to ``target`` and verify the copy: it is
+    read back into a temporary directory and every file checked against the manifest's sha256
+    (:func:`trainer.artifacts.contract.verify_artifacts`). Returns ``target``.
+
+    Raises:
+        trainer.artifacts.contract.ArtifactError: the copy differs from what was written.
+    """
+    target = StoragePath.of(target)
+    target.upload(local_dir)
+    fetch_artifacts(target)
+    logger.info("artifacts uploaded to %s and verified", target)
+    return target
+
+
+def fetch_artifacts(source: str | StoragePath, local_dir: str | os.PathLike | None = None) -> Path:
+    """Download the artifact directory at ``source`` into ``local_dir`` (a new temporary
+    directory when None) and verify it; returns the local directory."""
+    from trainer.artifacts.contract import verify_artifacts
+
+    source = StoragePath.of(source)
+    if source.is_local and local_dir is None:
+        verify_artifacts(source.path)
+        return Path(source.path)
+    if local_dir is None:
+        local_dir = tempfile.mkdtemp(prefix="shardrec-artifacts-")
+    source.download(local_dir)
+    verify_artifacts(local_dir)
+    return Path(local_dir)

@@ -115,6 +115,8 @@ class RayRun:
             lambda i: in_group(self.shard_group, i),
         )
         self.restore_shards(step)
+        infos = ray.get([s.info.remote() for s in self.shards])
+        logger.info("%s: shards on nodes %s", self.name, ", ".join(i["node"][:8] for i in infos))
         self.start_workers(load=step > 0)
 
     def restore_shards(self, step: int) -> None:
@@ -210,7 +212,7 @@ class RayRun:
                 step,
                 redo,
             )
-        logger.info("shards on nodes %s", ", ".join(i["node"][:8] for i in infos))
+        logger.info("%s: shards on nodes %s", self.name, ", ".join(i["node"][:8] for i in infos))
         if not restarted:
             logger.warning(
                 "%s: %s; rolling back to the checkpoint at step %d; %s",
