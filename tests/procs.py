@@ -359,6 +359,21 @@ S3_CREDENTIALS = {  # moto accepts any; the standard AWS variables pyarrow reads
 }
 
 
+@contextlib.contextmanager
+def environ(values: dict[str, str]):
+    """``os.environ`` with ``values`` set while inside (each key restored or removed after)."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def moto_server_binary() -> str | None:
     """moto's ``moto_server``: ``$SHARDREC_MOTO_SERVER``, beside this Python, or on PATH."""
     for candidate in (os.environ.get(MOTO_ENV), BIN / "moto_server", shutil.which("moto_server")):

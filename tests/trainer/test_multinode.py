@@ -13,7 +13,6 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import math
-import os
 import re
 import subprocess
 import time
@@ -30,6 +29,7 @@ from tests.procs import (  # noqa: E402
     MotoServer,
     Proc,
     RayHead,
+    environ,
     fail,
     ray_node_args,
     short_temp_dir,
@@ -55,9 +55,7 @@ def cluster(tmp_path_factory):
     credentials are in the environment of every node (and of this process)."""
     if ray.is_initialized():
         ray.shutdown()
-    old = {k: os.environ.get(k) for k in S3_CREDENTIALS}
-    os.environ.update(S3_CREDENTIALS)
-    with loopback_only():
+    with environ(S3_CREDENTIALS), loopback_only():
         c = Cluster(
             initialize_head=True,
             connect=True,
@@ -76,11 +74,6 @@ def cluster(tmp_path_factory):
         finally:
             ray.shutdown()
             c.shutdown()
-            for k, v in old.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
 
 
 @pytest.fixture(scope="module")
@@ -162,7 +155,7 @@ def wait_for_step(run_prefix_before: set[str], step: int, future, timeout: float
 def test_node_lost_mid_run_rolls_back_and_a_new_node_is_used(
     cluster, dataset, undisturbed, tmp_path, caplog
 ):
-    """A node added at step ~50 and then a whole node (a shard and a worker) removed: the run
+    """A node added at step ~20 and then a whole node (a shard and a worker) removed: the run
     completes from the last common checkpoint, on the new node after the restart, with the
     undisturbed run's HR@50; the shards' and workers' files are only in S3 (no directory is
     shared between the nodes: the driver's out_dir gets none of them)."""
@@ -174,7 +167,7 @@ def test_node_lost_mid_run_rolls_back_and_a_new_node_is_used(
         cfg = cluster_config(out, storage=storage)
         before = set(ray.util.list_named_actors())
         future = run_in_background(train_distributed, cfg, dataset=dataset)
-        run = wait_for_step(before, 50, future)  # epoch 2 (43 steps an epoch)
+        run = wait_for_step(before, 20, future)  # of 86 (2 epochs of 43 steps)
         old_nodes = alive_cpu_nodes()
         new_node = cluster.add_node(num_cpus=1)
         shard1 = ray.get(ray.get_actor(f"{run}-shard-1").info.remote())
@@ -187,7 +180,8 @@ def test_node_lost_mid_run_rolls_back_and_a_new_node_is_used(
         messages = [r.getMessage() for r in caplog.records if r.name.startswith("trainer")]
         redo = [re.search(r"redoing steps (\d+)-(\d+)", m) for m in messages]
         redo = [(int(m[1]), int(m[2])) for m in redo if m]
-        assert redo and redo[0][0] - 1 in (50, 60, 70, 80), messages  # a checkpoint's step
+        common = redo[0][0] - 1 if redo else None  # a checkpoint's step: every 10, epoch end
+        assert common is not None and common >= 20 and (common % 10 == 0 or common == 43), messages
         restarted = [m for m in messages if re.match(r"shard 1 restarted, restored step", m)]
         assert restarted, messages
         workers_after = node_lines(caplog.records, "workers")[-1]

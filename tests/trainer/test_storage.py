@@ -11,7 +11,7 @@ import pickle
 import pytest
 import torch
 
-from tests.procs import S3_CREDENTIALS, MotoServer
+from tests.procs import S3_CREDENTIALS, MotoServer, environ
 from trainer.run_state import RunState, WorkerState
 from trainer.shards.slots import load_slotted, prev_path, save_slotted, slot_steps
 from trainer.storage import StoragePath, fetch_artifacts, run_storage
@@ -21,18 +21,12 @@ from trainer.storage import StoragePath, fetch_artifacts, run_storage
 def s3(tmp_path_factory):
     """The moto server; the standard AWS variables set for this process (and the Ray it
     starts) while the module runs."""
-    old = {k: os.environ.get(k) for k in S3_CREDENTIALS}
-    os.environ.update(S3_CREDENTIALS)
-    server = MotoServer(tmp_path_factory.mktemp("moto"))
-    try:
-        yield server
-    finally:
-        server.stop()
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    with environ(S3_CREDENTIALS):
+        server = MotoServer(tmp_path_factory.mktemp("moto"))
+        try:
+            yield server
+        finally:
+            server.stop()
 
 
 @pytest.fixture(params=["local", "s3"])
