@@ -218,6 +218,7 @@ def test_node_lost_mid_run_rolls_back_and_a_new_node_is_used(
         assert victim.node_id[:8] not in shards_after and len(set(shards_after)) == 2
 
         hr, ref = result.curves[-1]["HR@50"], undisturbed.curves[-1]["HR@50"]
+        logging.getLogger(__name__).info("HR@50 %.4f, undisturbed %.4f", hr, ref)
         assert hr == pytest.approx(ref, abs=0.02)
         assert result.global_step == undisturbed.global_step
         for got, want in zip(result.curves, undisturbed.curves):  # sync: redone exactly
