@@ -327,6 +327,7 @@ class RayHead:
         ]
         self.env = ray_env(env if env is not None else dict(os.environ))
         self.address = f"http://{LOOPBACK}:{dash}"
+        self.gcs_address = f"{LOOPBACK}:{gcs}"  # for ``ray start --address`` and ray.init
         self.proc = Proc(
             argv,
             Path(self.temp_dir) / "head.log",
@@ -347,3 +348,82 @@ class RayHead:
             self.proc.stop()
         finally:
             shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+# --- an S3-compatible server -------------------------------------------------------------------
+MOTO_ENV = "SHARDREC_MOTO_SERVER"
+S3_CREDENTIALS = {  # moto accepts any; the standard AWS variables pyarrow reads
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+@contextlib.contextmanager
+def environ(values: dict[str, str]):
+    """``os.environ`` with ``values`` set while inside (each key restored or removed after)."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def moto_server_binary() -> str | None:
+    """moto's ``moto_server``: ``$SHARDREC_MOTO_SERVER``, beside this Python, or on PATH."""
+    for candidate in (os.environ.get(MOTO_ENV), BIN / "moto_server", shutil.which("moto_server")):
+        if candidate and Path(candidate).is_file():
+            return str(candidate)
+    return None
+
+
+class MotoServer:
+    """moto's S3 server (``moto_server``) on 127.0.0.1 with a free port, one bucket made.
+
+    `uri(prefix)` is an ``s3://`` URI with the endpoint in its query (pyarrow's
+    ``endpoint_override``); the credentials are `S3_CREDENTIALS`, which the caller puts in the
+    environment of every process that opens it. Skips the test when moto is not installed.
+    """
+
+    def __init__(self, log_dir: Path, bucket: str = "shardrec") -> None:
+        binary = moto_server_binary()
+        if binary is None:
+            pytest.skip(
+                "moto_server not found: install it with `pip install 'moto[server]'` (into "
+                f"this venv, or into another one and set {MOTO_ENV} to its moto_server)"
+            )
+        self.port, self.bucket = free_port(), bucket
+        self.endpoint = f"http://{LOOPBACK}:{self.port}"
+        env = {**os.environ, **S3_CREDENTIALS}
+        env = {k: v for k, v in env.items() if not k.lower().endswith("_proxy")}
+        self.proc = Proc(
+            [binary, "-H", LOOPBACK, "-p", str(self.port)],
+            log_dir / "moto.log",
+            env=env,
+            name="moto_server",
+        )
+        wait_for_http(f"{self.endpoint}/moto-api/", 60, self.proc)
+        import pyarrow.fs as pafs
+
+        fs = pafs.S3FileSystem(
+            access_key=S3_CREDENTIALS["AWS_ACCESS_KEY_ID"],
+            secret_key=S3_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+            region=S3_CREDENTIALS["AWS_DEFAULT_REGION"],
+            endpoint_override=self.endpoint,
+            allow_bucket_creation=True,
+        )
+        fs.create_dir(bucket)
+
+    def uri(self, prefix: str) -> str:
+        return (
+            f"s3://{self.bucket}/{prefix}?endpoint_override={LOOPBACK}:{self.port}&scheme=http"
+            f"&region={S3_CREDENTIALS['AWS_DEFAULT_REGION']}"
+        )
+
+    def stop(self) -> None:
+        self.proc.stop()

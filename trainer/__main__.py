@@ -15,6 +15,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. epochs=3")
     t.add_argument("--data-dir", help="folder of the MovieLens files (sets data.data_dir)")
     t.add_argument("--out", help="run directory (sets out_dir)")
+    t.add_argument(
+        "--storage", help="checkpoints and artifacts: a path or a URI (s3://...); default --out"
+    )
     t.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
     t.add_argument("--num-shards", type=int, help="embedding shard actors (Ray)")
     t.add_argument("--num-workers", type=int, help="trainer workers (Ray)")
@@ -42,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
             flags = {
                 "data.data_dir": args.data_dir,
                 "out_dir": args.out,
+                "storage": args.storage,
                 "distributed.num_shards": args.num_shards,
                 "distributed.num_workers": args.num_workers,
                 "distributed.ray_address": args.ray_address,

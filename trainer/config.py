@@ -79,6 +79,11 @@ class DistributedConfig(_Strict):
         3, ge=0, description="rollbacks to the last checkpoint before the run gives up"
     )
     restart_timeout_s: float = Field(120.0, gt=0.0, description="wait for a shard to come back")
+    placement: Literal["SPREAD", "PACK", "STRICT_SPREAD", "none"] = Field(
+        "SPREAD",
+        description="placement group strategy of the shards and of the workers over the nodes "
+        "(none: Ray's default scheduling)",
+    )
     collective_timeout_s: float = Field(
         300.0, gt=0.0, description="torch.distributed timeout between workers"
     )
@@ -116,6 +121,11 @@ class TrainConfig(_Strict):
     bf16: bool = Field(True, description="bf16 autocast of the tower on CUDA")
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads (None: default)")
     out_dir: Path = Field(Path("runs/run"), description="checkpoints and artifacts go here")
+    storage: str | None = Field(
+        None,
+        description="checkpoints and artifacts go here instead of out_dir: a path or a URI "
+        "(s3://bucket/prefix, ...; see trainer.storage)",
+    )
     checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints; 0 = per epoch")
     progress: bool = Field(True, description="tqdm progress bars")
 

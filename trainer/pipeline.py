@@ -18,6 +18,7 @@ from trainer.artifacts import MANIFEST, ArtifactError, Artifacts, load_artifacts
 from trainer.artifacts.export import export_artifacts
 from trainer.config import TrainConfig
 from trainer.data import Dataset, load_dataset
+from trainer.storage import publish_artifacts, run_storage
 from trainer.train import TrainResult, evaluate_model, score_function, train_local
 
 logger = logging.getLogger(__name__)
@@ -114,11 +115,16 @@ def run_training(cfg: TrainConfig, resume: bool = False, dataset: Dataset | None
     results["epochs"] = len(result.curves)
     if result.recoveries is not None:
         results["recoveries"] = result.recoveries
+<<<<<<< HEAD
     if "model" in results:
         logger.info("test metrics:\n%s", format_table(_models(results), result.cfg.eval_ks))
     else:
         logger.info("%s", no_test_metrics(result.cfg.data.holdout))
     return export_artifacts(
+=======
+    logger.info("test metrics:\n%s", format_table(_models(results), result.cfg.eval_ks))
+    path = export_artifacts(
+>>>>>>> w11-cluster
         Path(result.cfg.out_dir) / "artifacts",
         result.cfg,
         ds,
@@ -127,6 +133,9 @@ def run_training(cfg: TrainConfig, resume: bool = False, dataset: Dataset | None
         result.curves,
         results,
     )
+    if result.cfg.storage:  # the run's storage gets a verified copy
+        publish_artifacts(path, run_storage(result.cfg) / "artifacts")
+    return path
 
 
 def no_test_metrics(holdout: str) -> str:

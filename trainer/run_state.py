@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from trainer.config import TrainConfig, config_from_json
-from trainer.embeddings import atomic_torch_save
+from trainer.storage import StoragePath
 
 CHECKPOINT = "checkpoint.pt"
 BEST = "best.pt"
@@ -57,8 +57,9 @@ class RunState:
     def world_size(self) -> int:
         return len(self.workers)
 
-    def save(self, path: Path) -> Path:
-        """Write atomically (temporary file, fsync, rename) to ``path``; returns ``path``."""
+    def save(self, path: str | Path | StoragePath) -> StoragePath:
+        """Write atomically to ``path`` (a local path or a storage URI, see
+        :mod:`trainer.storage`); returns it."""
         state = {
             **self.__dict__,
             "config": self.config.to_json(),
@@ -69,17 +70,19 @@ class RunState:
             "world_size": self.world_size,
             "format": FORMAT,
         }
-        atomic_torch_save(state, Path(path))
-        return Path(path)
+        path = StoragePath.of(path)
+        path.save_torch(state)
+        return path
 
     @classmethod
-    def load(cls, path: str | Path, mmap: bool = False) -> RunState:
-        """Read a file written by :meth:`save` (``mmap``: map the tensors, read on use).
+    def load(cls, path: str | Path | StoragePath, mmap: bool = False) -> RunState:
+        """Read a file written by :meth:`save` (``mmap``: map a local file's tensors, read on
+        use).
 
         Raises:
             ValueError: for a file of the trainer before this format.
         """
-        state = torch.load(path, weights_only=True, mmap=mmap)
+        state = StoragePath.of(path).load_torch(mmap=mmap)
         if state.pop("format", None) != FORMAT:
             raise ValueError(
                 f"{path} is not a run state of format {FORMAT!r} (an older trainer wrote it?); "
@@ -94,7 +97,7 @@ class RunState:
         ]
         return cls(**state)
 
-    def check_resumable(self, cfg: TrainConfig, world_size: int, path: Path) -> None:
+    def check_resumable(self, cfg: TrainConfig, world_size: int, path) -> None:
         """Raise ValueError unless a run of ``cfg`` with ``world_size`` workers can resume
         from this state (read from ``path``)."""
         if self.config.model != cfg.model or self.config.data != cfg.data:

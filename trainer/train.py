@@ -37,6 +37,7 @@ from trainer.step import (
     resolve_device,
     train_step,
 )
+from trainer.storage import run_storage
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +110,7 @@ class Trainer:
         self.best_epoch = -1
         self.bad_epochs = 0
         self.curves: list[dict] = []
-        self.out_dir = Path(cfg.out_dir)
+        self.out_dir = run_storage(cfg)  # checkpoints (a StoragePath: a local path or a URI)
 
     # --- the loop ---------------------------------------------------------------------------
     def fit(self) -> list[dict]:

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import shutil
 import time
 import uuid
-from pathlib import Path
 
 import ray
 from ray.exceptions import ActorUnavailableError, RayActorError
@@ -21,6 +19,7 @@ from ray.exceptions import ActorUnavailableError, RayActorError
 from trainer.config import TrainConfig
 from trainer.data import Dataset, load_dataset
 from trainer.distributed.actors import TrainWorker
+from trainer.distributed.placement import in_group, make_group, remove_group
 from trainer.distributed.plan import (
     combine_epoch_losses,
     plan_resources,
@@ -32,6 +31,7 @@ from trainer.run_state import BEST, CHECKPOINT, RunState
 from trainer.shards.actor import RayShards, create_shard_actors
 from trainer.shards.client import ShardedStore, check_ref
 from trainer.shards.server import SHARD_DIR, ShardFailure
+from trainer.storage import run_storage
 from trainer.train import TrainResult, build_tower
 
 logger = logging.getLogger(__name__)
@@ -55,12 +55,13 @@ class RayRun:
         self.cfg = cfg
         self.d = cfg.distributed
         self.ds = ds
-        self.out = Path(cfg.out_dir)
+        self.root = run_storage(cfg)  # checkpoints: out_dir, or the storage path / URI
         self.token = 0
         self.recoveries = 0
         self.name = f"shardrec-{uuid.uuid4().hex[:8]}"
         self.shards: list = []
         self.workers: list = []
+        self.shard_group = self.worker_group = None
         res = ray.cluster_resources()
         self.plan = plan_resources(self.d, res.get("CPU", 0.0), res.get("GPU", 0.0), cfg.device)
         self.worker_cfg_json = worker_config(cfg, self.plan).to_json()
@@ -70,7 +71,7 @@ class RayRun:
     # checkpoints
     def checkpoint_step(self) -> int:
         """The step of ``checkpoint.pt`` (0: none), after checking it fits this run."""
-        path = self.out / CHECKPOINT
+        path = self.root / CHECKPOINT
         if not path.exists():
             return 0
         state = RunState.load(path, mmap=True)
@@ -79,13 +80,13 @@ class RayRun:
         return state.global_step
 
     def start(self, resume: bool) -> None:
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "config.json").write_text(self.cfg.to_json())
+        self.root.mkdir(parents=True, exist_ok=True)
+        (self.root / "config.json").write_text(self.cfg.to_json())
         step = self.checkpoint_step() if resume else 0
         if step == 0:  # stale files of an earlier run must never be restored into this one
-            shutil.rmtree(self.out / SHARD_DIR, ignore_errors=True)
+            (self.root / SHARD_DIR).rmtree()
             for name in (CHECKPOINT, BEST):
-                (self.out / name).unlink(missing_ok=True)
+                (self.root / name).unlink(missing_ok=True)
         logger.info(
             "%s: %d shards x %.2f CPUs, %d workers x %.2f CPUs%s, mode %s%s",
             self.name,
@@ -97,6 +98,7 @@ class RayRun:
             self.d.mode,
             f", resuming from step {step}" if step else "",
         )
+        self.shard_group = self.group([{"CPU": self.plan.shard_cpus}] * self.d.num_shards, "shards")
         self.shards = create_shard_actors(
             self.d.num_shards,
             self.ds.num_items,
@@ -106,25 +108,42 @@ class RayRun:
             self.cfg.seed,
             self.d.num_workers,
             self.d.mode,
-            self.out,
+            self.root.uri(),
             self.plan.shard_cpus,
             self.d.max_restarts,
             self.name,
+            lambda i: in_group(self.shard_group, i),
         )
         self.restore_shards(step)
+        infos = ray.get([s.info.remote() for s in self.shards])
+        logger.info("%s: shards on nodes %s", self.name, ", ".join(i["node"][:8] for i in infos))
         self.start_workers(load=step > 0)
 
     def restore_shards(self, step: int) -> None:
         self.token += 1
         ray.get([s.restore.remote(self.token, "ckpt", step) for s in self.shards])
 
+    def group(self, bundles: list[dict], what: str):
+        """A placement group for ``bundles`` (None with ``distributed.placement=none``)."""
+        if self.d.placement == "none":
+            return None
+        return make_group(
+            bundles, self.d.placement, f"{self.name}-{what}", self.d.restart_timeout_s
+        )
+
     def start_workers(self, load: bool) -> None:
+        """Start the workers in a new placement group over the nodes alive now."""
         n = self.d.num_workers
+        bundle = {"CPU": self.plan.worker_cpus}
+        if self.plan.worker_gpus:
+            bundle["GPU"] = float(self.plan.worker_gpus)
+        self.worker_group = self.group([bundle] * n, "workers")
         self.workers = [
             TrainWorker.options(
                 num_cpus=self.plan.worker_cpus,
                 num_gpus=self.plan.worker_gpus,
                 name=f"{self.name}-worker-{r}",
+                **in_group(self.worker_group, r),
             ).remote(
                 self.worker_cfg_json,
                 self.ds_ref,
@@ -137,8 +156,9 @@ class RayRun:
             for r in range(n)
         ]
         addr, port = "127.0.0.1", 0
+        nodes = self.wait_all([w.node.remote() for w in self.workers])
+        logger.info("%s: workers on nodes %s", self.name, ", ".join(node[:8] for node, _ in nodes))
         if n > 1:
-            nodes = ray.get([w.node.remote() for w in self.workers])
             if len({node for node, _ in nodes}) > 1:
                 addr = nodes[0][1]
             port = ray.get(self.workers[0].free_port.remote(addr))
@@ -148,12 +168,16 @@ class RayRun:
         for w in self.workers:
             ray.kill(w, no_restart=True)
         self.workers = []
+        remove_group(self.worker_group)
+        self.worker_group = None
 
     def shutdown(self) -> None:
         self.kill_workers()
         for s in self.shards:
             ray.kill(s, no_restart=True)
         self.shards = []
+        remove_group(self.shard_group)
+        self.shard_group = None
 
     # failures
     def wait_all(self, futures: list) -> list:
@@ -188,6 +212,7 @@ class RayRun:
                 step,
                 redo,
             )
+        logger.info("%s: shards on nodes %s", self.name, ", ".join(i["node"][:8] for i in infos))
         if not restarted:
             logger.warning(
                 "%s: %s; rolling back to the checkpoint at step %d; %s",
@@ -251,7 +276,7 @@ class RayRun:
             token=self.token,
         )
         tower = build_tower(self.cfg, self.ds)
-        path = self.out / (BEST if (self.out / BEST).exists() else CHECKPOINT)
+        path = self.root / (BEST if (self.root / BEST).exists() else CHECKPOINT)
         state = RunState.load(path)
         tower.load_state_dict(state.tower)
         store.restore_shards(state.store)

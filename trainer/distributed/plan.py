@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from trainer.config import DistributedConfig, TrainConfig
+from trainer.storage import is_uri
 
 
 @dataclass(frozen=True)
@@ -55,8 +56,12 @@ def plan_resources(
 
 
 def resolve_paths(cfg: TrainConfig) -> TrainConfig:
-    """Absolute ``out_dir`` (actors may run in another working directory)."""
-    return cfg.model_copy(update={"out_dir": Path(cfg.out_dir).expanduser().resolve()})
+    """Absolute ``out_dir`` and local ``storage`` (actors may run in another working
+    directory); a storage URI stays as it is."""
+    update: dict = {"out_dir": Path(cfg.out_dir).expanduser().resolve()}
+    if cfg.storage and not is_uri(cfg.storage):
+        update["storage"] = str(Path(cfg.storage).expanduser().resolve())
+    return cfg.model_copy(update=update)
 
 
 def worker_config(cfg: TrainConfig, plan: ResourcePlan) -> TrainConfig:

@@ -17,13 +17,12 @@ LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
 @contextlib.contextmanager
-def local_ray(num_cpus: int, **init_kwargs):
-    """An embedded Ray on this machine only: every Ray process binds 127.0.0.1.
+def loopback_only():
+    """Ray processes started inside bind 127.0.0.1 (restored on exit).
 
     Ray advertises the machine's network address even for a local instance; the setting it
     uses on Windows/macOS (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, read by the Ray processes
     it starts and, already imported, by this one) makes it use the loopback address instead.
-    Both are restored when Ray is shut down.
     """
     from ray._private import ray_constants
 
@@ -32,15 +31,24 @@ def local_ray(num_cpus: int, **init_kwargs):
     os.environ[LOOPBACK_ENV] = "0"
     ray_constants.ENABLE_RAY_CLUSTER = False
     try:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, **init_kwargs)
         yield
     finally:
-        ray.shutdown()
         ray_constants.ENABLE_RAY_CLUSTER = old_flag
         if old_env is None:
             os.environ.pop(LOOPBACK_ENV, None)
         else:
             os.environ[LOOPBACK_ENV] = old_env
+
+
+@contextlib.contextmanager
+def local_ray(num_cpus: int, **init_kwargs):
+    """An embedded Ray on this machine only (:func:`loopback_only`), shut down on exit."""
+    with loopback_only():
+        ray.init(num_cpus=num_cpus, include_dashboard=False, **init_kwargs)
+        try:
+            yield
+        finally:
+            ray.shutdown()
 
 
 @contextlib.contextmanager

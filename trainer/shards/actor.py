@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -131,7 +132,7 @@ class ShardActor:
         return step
 
     async def info(self) -> dict:
-        return self.server.info()
+        return {**self.server.info(), "node": ray.get_runtime_context().get_node_id()}
 
 
 def create_shard_actors(
@@ -143,19 +144,22 @@ def create_shard_actors(
     seed: int,
     num_workers: int,
     mode: str,
-    run_dir: Path,
+    run_dir: str | Path,
     num_cpus: float,
     max_restarts: int,
     name_prefix: str | None = None,
+    placement: Callable[[int], dict] | None = None,
 ) -> list:
     """Start ``num_shards`` :class:`ShardActor` actors (restartable; named ``<prefix>-shard-<i>``
-    when a prefix is given, so tests and operators can find them)."""
+    when a prefix is given, so tests and operators can find them; ``placement(i)``: more actor
+    options for shard ``i``, e.g. its placement group bundle)."""
     actors = []
     for i in range(num_shards):
         options = {
             "num_cpus": num_cpus,
             "max_restarts": max_restarts,
             "max_task_retries": -1,
+            **(placement(i) if placement else {}),
         }
         if name_prefix:
             options["name"] = f"{name_prefix}-shard-{i}"

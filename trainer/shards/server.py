@@ -23,6 +23,7 @@ import torch
 
 from trainer.embeddings import EmbeddingShard
 from trainer.shards.slots import load_slotted, save_slotted
+from trainer.storage import StoragePath
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +89,7 @@ class ShardServer:
         self.shard_id = self.shard.shard_id
         self.num_workers = num_workers
         self.mode = mode
-        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.run_dir = StoragePath.of(run_dir) if run_dir is not None else None
         self.token = -1
         self.done = dict.fromkeys(range(num_workers), 0)
         self.pending: dict[int, dict[int, tuple[dict, dict]]] = {}  # sync: step -> worker parts
@@ -103,7 +104,7 @@ class ShardServer:
         self._load_latest()
 
     # paths
-    def path(self, tag: str = "ckpt") -> Path:
+    def path(self, tag: str = "ckpt") -> StoragePath:
         if self.run_dir is None:
             raise ValueError("this shard has no run_dir; pass run_dir to save or restore.")
         base = self.run_dir / SHARD_DIR
@@ -114,7 +115,7 @@ class ShardServer:
         """Load this shard's last checkpoint, if the run directory has one; its step (0: none)."""
         if self.run_dir is None or not self.path().exists():
             return 0
-        state = torch.load(self.path(), weights_only=True)
+        state = self.path().load_torch()
         self.shard.load_state_dict(state["shard"])
         self.restored_step = int(state["step"])
         self.restored_from = str(self.path())
