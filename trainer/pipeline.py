@@ -115,16 +115,11 @@ def run_training(cfg: TrainConfig, resume: bool = False, dataset: Dataset | None
     results["epochs"] = len(result.curves)
     if result.recoveries is not None:
         results["recoveries"] = result.recoveries
-<<<<<<< HEAD
     if "model" in results:
         logger.info("test metrics:\n%s", format_table(_models(results), result.cfg.eval_ks))
     else:
         logger.info("%s", no_test_metrics(result.cfg.data.holdout))
-    return export_artifacts(
-=======
-    logger.info("test metrics:\n%s", format_table(_models(results), result.cfg.eval_ks))
     path = export_artifacts(
->>>>>>> w11-cluster
         Path(result.cfg.out_dir) / "artifacts",
         result.cfg,
         ds,
