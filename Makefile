@@ -45,8 +45,9 @@ test: lint system-deps
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 DATA_DIR ?=
+TOWER ?= mean
 demo: install
-	$(PY) -m demo $(if $(DATA_DIR),--data-dir $(DATA_DIR),)
+	$(PY) -m demo $(if $(DATA_DIR),--data-dir $(DATA_DIR),) --tower $(TOWER)
 
 bench: install
 	$(PY) -m benchmarks.loss

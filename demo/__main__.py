@@ -2,6 +2,7 @@
 
     python -m demo                                  # synthetic data (no downloads)
     python -m demo --data-dir ../shared/data/ml-100k    # MovieLens-100K instead
+    python -m demo --tower sequence                 # the causal self-attention tower
 
 Everything it starts (the API server) is stopped before it exits.
 """
@@ -19,14 +20,15 @@ from demo.client import serve_and_query
 logger = logging.getLogger("shardrec.demo")
 
 
-def train(data_dir: str | None, out: Path) -> Path:
+def train(data_dir: str | None, out: Path, tower: str = "mean") -> Path:
     from trainer.config import load_config
     from trainer.pipeline import run_training
 
+    overrides = [f"out_dir={out}", f"model.tower={tower}"]
     if data_dir:
-        cfg = load_config("configs/ml-100k.yaml", [f"data.data_dir={data_dir}", f"out_dir={out}"])
+        cfg = load_config("configs/ml-100k.yaml", [f"data.data_dir={data_dir}", *overrides])
     else:
-        cfg = load_config("configs/synthetic.yaml", [f"out_dir={out}"])
+        cfg = load_config("configs/synthetic.yaml", overrides)
     print(f"== training {cfg.name} ({cfg.data.source}) into {out}", flush=True)
     return run_training(cfg)
 
@@ -35,9 +37,15 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--data-dir", help="MovieLens-100K folder; synthetic data when omitted")
     p.add_argument("--out", default="runs/demo", help="run directory")
+    p.add_argument(
+        "--tower",
+        choices=["mean", "sequence"],
+        default="mean",
+        help="user tower: YouTube-DNN mean pooling, or causal self-attention",
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    artifacts = train(args.data_dir, Path(args.out))
+    artifacts = train(args.data_dir, Path(args.out), args.tower)
     print(f"== artifacts in {artifacts}", flush=True)
     if importlib.util.find_spec("service") is None:
         print("== the REST service is not available in this build; stopping after training.")

@@ -200,6 +200,8 @@ class Model:
             "num_users": len(self.artifacts.user_ids),
             "embedding_dim": self.dim,
             "max_history": self.max_history,
+            "tower": self.artifacts.model.tower,
+            "holdout": manifest.get("holdout", "test"),
             "user_features": self.feature_names,
             "metrics": manifest.metrics,
             "loaded_at": self.loaded_at,

@@ -226,6 +226,12 @@ class ModelResponse(_Response):
     num_users: int
     embedding_dim: int
     max_history: int
+    tower: Literal["mean", "sequence"] = Field(
+        description="User tower: mean pooling (YouTube-DNN) or causal self-attention."
+    )
+    holdout: Literal["test", "valid", "none"] = Field(
+        description="What training held out: test (test metrics below), valid, none (refit)."
+    )
     user_features: list[str]
     metrics: dict[str, Any]
     loaded_at: float

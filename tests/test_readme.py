@@ -245,6 +245,11 @@ class Runs:
             config = flag(args, "--config")
             out = f"runs/default-{Path(config).stem if config else 'run'}"
         run_dir = self.local(out)
+        # A refit's earlier run (``epochs_from=runs/select``) is that README run's directory here.
+        args = [
+            f"epochs_from={self.local(a.split('=', 1)[1])}" if a.startswith("epochs_from=") else a
+            for a in args
+        ]
         return [python, "-m", "trainer", "train", *with_flag(args, "--out", str(run_dir))], run_dir
 
     def train(self, command: Command) -> tuple[Result, Path]:
@@ -254,6 +259,9 @@ class Runs:
         data_dir = flag(command.argv, "--data-dir")
         if data_dir and not (REPO / data_dir).is_dir():
             pytest.skip(f"{data_dir} (research data) is not beside the checkout")
+        for arg in command.argv:
+            if arg.startswith("epochs_from="):  # train the README run it refits first
+                self.artifacts(str(in_checkout(arg.split("=", 1)[1]) / "artifacts"))
         argv, run_dir = self.train_argv(list(command.argv), sys.executable)
         env, sweep = base_env(), None
         if flag(command.argv, "--num-shards") or flag(command.argv, "--num-workers"):
@@ -300,13 +308,20 @@ def check_trained(result: Result, run_dir: Path, readme_args) -> dict:
     """A finished train line: the test table printed, artifacts written with the README's
     overrides and flags in their config; the manifest."""
     assert result.returncode == 0, result.explain()
-    assert "| model | excluded |" in result.stdout, result.explain()
-    assert "| popularity | excluded |" in result.stdout, result.explain()
-    assert f"artifacts: {run_dir / 'artifacts'}" in result.stdout, result.explain()
     manifest = json.loads((run_dir / "artifacts" / "manifest.json").read_text())
     config = manifest["config"]
+    if config["data"]["holdout"] == "test":
+        assert "| model | excluded |" in result.stdout, result.explain()
+        assert "| popularity | excluded |" in result.stdout, result.explain()
+    else:  # a refit on held-out data: says there are no test metrics
+        holdout = config["data"]["holdout"]
+        assert f"no test metrics: data.holdout={holdout}" in result.stdout, result.explain()
+        assert manifest["holdout"] == holdout and "model" not in manifest["metrics"]
+    assert f"artifacts: {run_dir / 'artifacts'}" in result.stdout, result.explain()
     for arg in readme_args:
-        if is_override(arg):
+        if arg.startswith("epochs_from="):  # a path, moved under the test's directory
+            assert manifest["metrics"]["epochs"] >= 1
+        elif is_override(arg):
             key, value = arg.split("=", 1)
             assert config_value(config, key) == yaml.safe_load(value), (key, config)
     for name, key in (

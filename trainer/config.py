@@ -94,6 +94,11 @@ class TrainConfig(_Strict):
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     batch_size: int = Field(512, ge=1)
     epochs: int = Field(10, ge=1)
+    epochs_from: Path | None = Field(
+        None,
+        description="train for the best epoch of this earlier run (its run or artifacts "
+        "directory); replaces epochs (the refit recipe)",
+    )
     patience: int = Field(3, ge=1, description="epochs without improvement before stopping")
     monitor: str = Field("NDCG@10", description="validation metric for early stopping")
     eval_ks: list[int] = Field(default_factory=lambda: [10, 50, 100])

@@ -11,6 +11,8 @@ Shapes: ``B`` batch, ``L`` history length, ``Dh`` input item dim, ``D`` output d
 
 from __future__ import annotations
 
+from typing import Literal
+
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -19,11 +21,39 @@ from torch import nn
 SECONDS_PER_DAY = 86_400.0
 
 
-class ModelConfig(BaseModel):
-    """The YouTube-DNN user tower and the item tables (``TrainConfig.model``; saved with every
-    export, so the service rebuilds the same tower from it)."""
+class SequenceConfig(BaseModel):
+    """The causal self-attention tower (``model.sequence``, used when ``model.tower=sequence``;
+    SASRec-style, see ``trainer.sequence``)."""
 
     model_config = ConfigDict(extra="forbid")
+
+    blocks: int = Field(2, ge=1, description="self-attention blocks")
+    heads: int = Field(1, ge=1, description="attention heads (must divide the history dim)")
+    dropout: float = Field(0.2, ge=0.0, lt=1.0, description="embedding, attention, FFN dropout")
+    norm: Literal["pre", "post"] = Field("pre", description="layer norm before or after blocks")
+    ffn_factor: int = Field(1, ge=1, description="feed-forward width = ffn_factor * dim")
+    window_targets: int | None = Field(
+        None,
+        ge=1,
+        description="training targets per window (None: data.max_history); fewer gives every "
+        "target at least max_history - window_targets items of context, at more compute",
+    )
+
+
+class ModelConfig(BaseModel):
+    """The user tower and the item tables (``TrainConfig.model``; saved with every export, so
+    the service rebuilds the same tower from it).
+
+    ``tower``: ``mean`` (default) is the YouTube-DNN tower below (mean-pooled history + features
+    -> ReLU MLP); ``sequence`` is the causal self-attention tower of ``trainer.sequence``
+    (settings in ``sequence``; ``hidden``, ``recent_items``, ``position_weights`` and
+    ``use_example_age`` are the mean tower's and do not apply to it).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    tower: Literal["mean", "sequence"] = Field("mean", description="mean pooling or attention")
+    sequence: SequenceConfig = Field(default_factory=SequenceConfig)
 
     embedding_dim: int = Field(64, ge=1, description="user vector = item output embedding size")
     input_dim: int | None = Field(
@@ -53,11 +83,57 @@ class ModelConfig(BaseModel):
                 f"model.tie_weights needs input_dim == embedding_dim, got input_dim="
                 f"{self.input_dim} and embedding_dim={self.embedding_dim}; drop input_dim."
             )
+        if self.tower == "sequence" and self.history_dim % self.sequence.heads:
+            raise ValueError(
+                f"model.sequence.heads ({self.sequence.heads}) must divide the history dim "
+                f"({self.history_dim} = input_dim or embedding_dim); pick heads 1 or a divisor."
+            )
         return self
 
     @property
     def history_dim(self) -> int:
         return self.input_dim or self.embedding_dim
+
+
+def add_feature_embeddings(
+    tower: nn.Module,
+    cfg: ModelConfig,
+    user_feature_sizes: dict[str, int] | None,
+    item_features: torch.Tensor | None,
+    num_item_feature_tokens: int,
+) -> None:
+    """Give ``tower`` (either tower) its feature tables: ``user_feature_names``,
+    ``user_embeddings`` (name -> ``[size, F]``), ``use_item_features`` and, when used, the
+    ``item_features`` buffer ``[num_items, K]`` and ``item_feature_embedding`` ``[G, F]``."""
+    sizes = user_feature_sizes if cfg.use_user_features else {}
+    tower.user_feature_names = sorted(sizes or {})
+    tower.user_embeddings = nn.ModuleDict(
+        {name: nn.Embedding(sizes[name], cfg.feature_dim) for name in tower.user_feature_names}
+    )
+    tower.use_item_features = bool(
+        cfg.use_item_features and item_features is not None and num_item_feature_tokens > 0
+    )
+    if tower.use_item_features:
+        tower.register_buffer("item_features", item_features.long(), persistent=True)
+        tower.item_feature_embedding = nn.Embedding(num_item_feature_tokens, cfg.feature_dim)
+
+
+def user_feature_vectors(
+    tower: nn.Module,
+    user_features: dict[str, torch.Tensor] | None,
+    batch: int,
+    device: torch.device,
+) -> list[torch.Tensor]:
+    """The embedding ``[B, F]`` of each of ``tower.user_feature_names`` (missing names: code 0,
+    out-of-range codes clamped)."""
+    out = []
+    for name in tower.user_feature_names:
+        codes = (user_features or {}).get(name)
+        if codes is None:
+            codes = torch.zeros(batch, dtype=torch.long, device=device)
+        table = tower.user_embeddings[name]
+        out.append(table(codes.clamp(0, table.num_embeddings - 1)))
+    return out
 
 
 def example_age_features(age_days: torch.Tensor) -> torch.Tensor:
@@ -95,17 +171,9 @@ class UserTower(nn.Module):
     ) -> None:
         super().__init__()
         self.cfg = cfg
-        sizes = user_feature_sizes if cfg.use_user_features else {}
-        self.user_feature_names = sorted(sizes or {})
-        self.user_embeddings = nn.ModuleDict(
-            {name: nn.Embedding(sizes[name], cfg.feature_dim) for name in self.user_feature_names}
+        add_feature_embeddings(
+            self, cfg, user_feature_sizes, item_features, num_item_feature_tokens
         )
-        self.use_item_features = bool(
-            cfg.use_item_features and item_features is not None and num_item_feature_tokens > 0
-        )
-        if self.use_item_features:
-            self.register_buffer("item_features", item_features.long(), persistent=True)
-            self.item_feature_embedding = nn.Embedding(num_item_feature_tokens, cfg.feature_dim)
         if cfg.position_weights:
             # Log-weights per position counted from the most recent item; 0 = a plain mean.
             self.position_logits = nn.Parameter(torch.zeros(max_history))
@@ -156,12 +224,7 @@ class UserTower(nn.Module):
             recent = (history_rows[:, -k:] * recent_mask).sum(1)
             parts.append(recent / recent_mask.sum(1).clamp(min=1.0))
         batch = history_ids.shape[0]
-        for name in self.user_feature_names:
-            codes = (user_features or {}).get(name)
-            if codes is None:
-                codes = torch.zeros(batch, dtype=torch.long, device=history_ids.device)
-            table = self.user_embeddings[name]
-            parts.append(table(codes.clamp(0, table.num_embeddings - 1)))
+        parts += user_feature_vectors(self, user_features, batch, history_ids.device)
         if self.use_item_features:
             # Mean of the side-feature embeddings of all history tokens, as token counts
             # [B, G] times the table [G, F]: same value as a gather of [B, L, K, F], with a

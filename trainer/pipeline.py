@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from trainer import metrics
-from trainer.artifacts import Artifacts, load_artifacts
+from trainer.artifacts import MANIFEST, ArtifactError, Artifacts, load_artifacts, read_manifest
 from trainer.artifacts.export import export_artifacts
 from trainer.config import TrainConfig
 from trainer.data import Dataset, load_dataset
@@ -52,11 +52,46 @@ def _models(results: dict) -> dict:
     return {k: results[k] for k in ("model", "popularity") if k in results}
 
 
+def resolve_epochs(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with ``epochs`` = the best epoch of the run ``cfg.epochs_from`` (a run directory
+    or its ``artifacts/``), read from its manifest; ``cfg`` itself without ``epochs_from``.
+
+    Raises:
+        ValueError: no manifest there, or one without a best epoch.
+    """
+    if cfg.epochs_from is None:
+        return cfg
+    src = Path(cfg.epochs_from).expanduser()
+    path = src if (src / MANIFEST).is_file() else src / "artifacts"
+    try:
+        manifest = read_manifest(path)
+    except ArtifactError as e:
+        raise ValueError(
+            f"epochs_from={src}: expected a run directory (or its artifacts/) written by "
+            f"'python -m trainer train'; {e}"
+        ) from None
+    best = manifest.metrics.get("best_epoch")
+    if not isinstance(best, int) or best < 1:
+        raise ValueError(
+            f"epochs_from={src}: its manifest records no best epoch (metrics.best_epoch={best!r}); "
+            f"set epochs instead."
+        )
+    logger.info(
+        "epochs_from %s: training %d epoch(s), its best (data.holdout=%s there)",
+        src,
+        best,
+        manifest.get("holdout", "test"),
+    )
+    return cfg.model_copy(update={"epochs": best})
+
+
 def train_model(
     cfg: TrainConfig, resume: bool = False, dataset: Dataset | None = None
 ) -> TrainResult:
     """Train on the backend ``cfg.distributed`` asks for (Ray, or this process); the best
-    epoch's model."""
+    epoch's model (the last one when nothing is held out for validation). ``epochs_from`` is
+    resolved first (:func:`resolve_epochs`)."""
+    cfg = resolve_epochs(cfg)
     if cfg.distributed.uses_ray:
         from trainer.distributed.driver import train_distributed  # imports Ray
 
@@ -71,12 +106,18 @@ def run_training(cfg: TrainConfig, resume: bool = False, dataset: Dataset | None
     result = train_model(cfg, resume=resume, dataset=dataset)
     train_seconds = time.perf_counter() - start
     ds, tables, enc = result.dataset, result.tables, result.encoder()
-    results = test_split_metrics(ds, score_function(enc, tables, ds), result.cfg.eval_ks)
+    results: dict = {}
+    if len(ds.test_positions):
+        results = test_split_metrics(ds, score_function(enc, tables, ds), result.cfg.eval_ks)
     results["train_seconds"] = train_seconds
     results["best_epoch"] = result.best_epoch + 1
+    results["epochs"] = len(result.curves)
     if result.recoveries is not None:
         results["recoveries"] = result.recoveries
-    logger.info("test metrics:\n%s", format_table(_models(results), result.cfg.eval_ks))
+    if "model" in results:
+        logger.info("test metrics:\n%s", format_table(_models(results), result.cfg.eval_ks))
+    else:
+        logger.info("%s", no_test_metrics(result.cfg.data.holdout))
     return export_artifacts(
         Path(result.cfg.out_dir) / "artifacts",
         result.cfg,
@@ -88,9 +129,34 @@ def run_training(cfg: TrainConfig, resume: bool = False, dataset: Dataset | None
     )
 
 
+def no_test_metrics(holdout: str) -> str:
+    """What ``train`` says when the data held out no test split."""
+    what = (
+        "only each user's last interaction was held out, as validation"
+        if holdout == "valid"
+        else "every interaction was trained on"
+    )
+    return (
+        f"no test metrics: data.holdout={holdout} ({what}). Select the model and its epochs on "
+        f"a run with data.holdout=test, then refit with data.holdout=none "
+        f"epochs_from=<that run's directory> (README, Training)."
+    )
+
+
 def evaluate_artifacts(path: str | Path, data_dir: str | None = None, progress: bool = False):
-    """Re-evaluate an artifact directory on its data (test split). Returns (results, table)."""
+    """Re-evaluate an artifact directory on its data (test split). Returns (results, table).
+
+    Raises:
+        ValueError: the model was trained with no test split held out (``data.holdout``).
+    """
     art: Artifacts = load_artifacts(path)
+    holdout = art.manifest.get("holdout", "test")
+    if holdout != "test":
+        raise ValueError(
+            f"{path} was trained with data.holdout={holdout}: it has no test split to evaluate "
+            f"on (its test targets were trained on or never held out). Evaluate the run made "
+            f"with data.holdout=test instead."
+        )
     data_cfg = art.config.data
     if data_dir is not None:
         data_cfg = data_cfg.model_copy(update={"data_dir": Path(data_dir)})
@@ -116,8 +182,11 @@ def evaluate_artifacts(path: str | Path, data_dir: str | None = None, progress: 
 
 
 def artifact_table(path: str | Path) -> str:
-    """The test-metrics table stored in an artifact directory's manifest."""
+    """The test-metrics table stored in an artifact directory's manifest (or the sentence
+    saying there are none)."""
     manifest = load_artifacts(path).manifest
+    if "model" not in manifest["metrics"]:
+        return no_test_metrics(manifest.get("holdout", "none"))
     return format_table(_models(manifest["metrics"]), manifest["config"]["eval_ks"])
 
 
@@ -126,6 +195,8 @@ __all__ = [
     "evaluate_artifacts",
     "evaluate_model",
     "format_table",
+    "no_test_metrics",
+    "resolve_epochs",
     "run_training",
     "test_split_metrics",
     "train_model",

@@ -18,6 +18,7 @@ import sampler
 from trainer.config import LossConfig, TrainConfig
 from trainer.data import Dataset, history_batch
 from trainer.model import SECONDS_PER_DAY, UserTower
+from trainer.sequence import SequenceTower
 
 
 def resolve_device(name: str) -> torch.device:
@@ -35,12 +36,18 @@ class Batch:
 
     history: int64 ``[B, L]`` global item ids, -1 padded on the left; targets: int64 ``[B]``;
     user_features: name -> int64 ``[B]``; age_days: float32 ``[B]``.
+
+    A batch of target windows (the sequence tower, :func:`make_window_batch`) has
+    ``target_mask``, bool ``[B, L]``: True where the tower's output at that history column is
+    trained on the next item; ``targets`` is then int64 ``[N]``, ``N = target_mask.sum()``, in
+    the mask's row-major order.
     """
 
     history: torch.Tensor
     targets: torch.Tensor
     user_features: dict[str, torch.Tensor]
     age_days: torch.Tensor
+    target_mask: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.targets.numel()
@@ -60,6 +67,31 @@ def make_batch(ds: Dataset, positions: np.ndarray, with_age: bool = True) -> Bat
         torch.from_numpy(ds.seq.items[positions]).long(),
         feats,
         torch.from_numpy(np.asarray(age, dtype=np.float32)),
+    )
+
+
+def make_window_batch(ds: Dataset, ends: np.ndarray, counts: np.ndarray) -> Batch:
+    """The target windows ending at ``ends`` with ``counts`` targets each
+    (:func:`trainer.data.target_windows`): one history row per window, every target trained.
+
+    Row ``w`` is the ``L`` items before ``ends[w]`` (right-aligned, -1 on the left); the output
+    at column ``j`` predicts the item after column ``j``, so the last ``counts[w]`` columns are
+    the targets ``ends[w] - counts[w] + 1 .. ends[w]``.
+    """
+    length = ds.max_history
+    hist, _ = history_batch(ds.seq, ends, length)
+    counts = np.asarray(counts, dtype=np.int64)
+    mask = np.arange(length)[None, :] >= (length - counts)[:, None]  # [W, L]
+    cols = np.nonzero(mask)
+    target_pos = np.asarray(ends)[cols[0]] - (length - 1 - cols[1])
+    users = ds.seq.user_of(ends)
+    feats = {k: torch.from_numpy(np.asarray(v)[users]) for k, v in ds.user_features.items()}
+    return Batch(
+        torch.from_numpy(np.asarray(hist)).long(),
+        torch.from_numpy(ds.seq.items[target_pos]).long(),
+        feats,
+        torch.zeros(len(ends), dtype=torch.float32),
+        torch.from_numpy(mask),
     )
 
 
@@ -121,7 +153,7 @@ def step_ids(batch: Batch, negatives: sampler.SampledValues | None, num_items: i
 
 
 def train_step(
-    tower: UserTower,
+    tower: UserTower | SequenceTower,
     dense_opt: torch.optim.Optimizer,
     store,
     batch: Batch,
@@ -149,7 +181,11 @@ def train_step(
     )
     feats = {k: v.to(device) for k, v in batch.user_features.items()}
     with autocast:
-        user = tower(in_table[hist_local], hist, feats, batch.age_days.to(device))
+        if batch.target_mask is None:
+            user = tower(in_table[hist_local], hist, feats, batch.age_days.to(device))
+        else:  # every target of every window, one forward per window: [N, D]
+            out = tower(in_table[hist_local], hist, feats, None, all_positions=True)
+            user = out[batch.target_mask.to(device)]
     user = user.float()
     targets = local(batch.targets)
     if negatives is None:

@@ -24,20 +24,28 @@ from tqdm.auto import tqdm
 import sampler
 from trainer import metrics
 from trainer.config import TrainConfig
-from trainer.data import Dataset, load_dataset
+from trainer.data import Dataset, load_dataset, target_windows
 from trainer.embeddings import LocalStore
 from trainer.model import UserEncoder, UserTower
 from trainer.run_state import BEST, CHECKPOINT, RunState, WorkerState
-from trainer.step import Batch, Negatives, make_batch, resolve_device, train_step
+from trainer.sequence import SequenceTower, build_user_tower
+from trainer.step import (
+    Batch,
+    Negatives,
+    make_batch,
+    make_window_batch,
+    resolve_device,
+    train_step,
+)
 
 logger = logging.getLogger(__name__)
 
 
-def build_tower(cfg: TrainConfig, ds: Dataset) -> UserTower:
+def build_tower(cfg: TrainConfig, ds: Dataset) -> UserTower | SequenceTower:
     """A freshly initialised user tower shaped by ``cfg.model`` and the data's vocabularies."""
     sizes = {k: len(v) for k, v in ds.user_feature_vocab.items()}
     feats = ds.items.features
-    return UserTower(
+    return build_user_tower(
         cfg.model,
         sizes,
         None if feats is None else torch.as_tensor(feats),
@@ -82,6 +90,19 @@ class Trainer:
         )
         self.negatives = Negatives(cfg.loss, self.num_items, self.ds.items.popularity)
         self.gen = torch.Generator().manual_seed(cfg.seed)
+        # The units an epoch shuffles and batches: target positions (mean tower), or target
+        # windows by their last position, ``window_counts`` targets each (sequence tower).
+        self.windows = cfg.model.tower == "sequence"
+        if self.windows:
+            per_window = min(
+                cfg.model.sequence.window_targets or cfg.data.max_history, cfg.data.max_history
+            )
+            self.units, self.window_counts = target_windows(
+                self.ds.seq, self.ds.train_positions, per_window
+            )
+        else:
+            self.units, self.window_counts = self.ds.train_positions, None
+        self.has_validation = len(self.ds.valid_positions) > 0
         self.epoch = 0
         self.batch_in_epoch = 0
         self.global_step = 0
@@ -105,12 +126,24 @@ class Trainer:
             train_loss = self.train_epoch()
             valid = self.validate()
             self.end_epoch(train_loss, valid, time.perf_counter() - start)
-        logger.info("best %s %.4f at epoch %d", self.cfg.monitor, self.best, self.best_epoch + 1)
+        if self.has_validation:
+            logger.info(
+                "best %s %.4f at epoch %d", self.cfg.monitor, self.best, self.best_epoch + 1
+            )
+        else:
+            logger.info("trained %d epochs on every interaction (no validation)", self.epoch)
         return self.curves
 
     def epoch_order(self, epoch: int) -> np.ndarray:
+        """The training units of ``epoch`` (positions or window ends), shuffled (seeded)."""
         rng = np.random.default_rng([self.cfg.seed, epoch])
-        return self.ds.train_positions[rng.permutation(len(self.ds.train_positions))]
+        return self.units[rng.permutation(len(self.units))]
+
+    def examples_in(self, units: np.ndarray) -> int:
+        """How many training examples (targets) the ``units`` of an epoch order hold."""
+        if self.window_counts is None:
+            return len(units)
+        return int(self.window_counts[np.searchsorted(self.units, units)].sum())
 
     def train_epoch(self) -> float:
         """One pass over the training examples (from ``batch_in_epoch`` when resuming)."""
@@ -132,7 +165,7 @@ class Trainer:
                 positions = order[b * bs : (b + 1) * bs]
                 loss = self.train_batch(positions)
                 losses.append(loss)
-                seen += len(positions)
+                seen += self.examples_in(positions)
                 self.batch_in_epoch += 1
                 rate = seen / max(time.perf_counter() - start, 1e-9)
                 bar.set_postfix(loss=f"{loss:.4f}", ex_per_s=f"{rate:,.0f}")
@@ -143,12 +176,17 @@ class Trainer:
         return float(np.mean(losses)) if losses else float("nan")
 
     def train_batch(self, positions: np.ndarray) -> float:
-        """One training step on the examples whose targets sit at ``positions``; the loss."""
+        """One training step on the units ``positions`` of an epoch order; the loss."""
         return self.train_on(*self.draw_batch(positions))
 
     def draw_batch(self, positions: np.ndarray) -> tuple[Batch, sampler.SampledValues | None]:
-        """The batch of the examples at ``positions`` and its negatives (drawn from ``gen``)."""
-        batch = make_batch(self.ds, positions)
+        """The batch of the units at ``positions`` (target positions, or window ends for the
+        sequence tower) and its negatives (drawn from ``gen``, shared by all its targets)."""
+        if self.window_counts is None:
+            batch = make_batch(self.ds, positions)
+        else:
+            counts = self.window_counts[np.searchsorted(self.units, positions)]
+            batch = make_window_batch(self.ds, positions, counts)
         return batch, self.negatives(batch.targets, self.gen)
 
     def train_on(self, batch: Batch, negatives: sampler.SampledValues | None) -> float:
@@ -167,10 +205,25 @@ class Trainer:
         )
 
     def end_epoch(self, train_loss: float, valid: dict[str, float], seconds: float) -> None:
-        score = valid[self.cfg.monitor]
+        """Record the epoch; keep the best model (the latest one without a validation split)."""
         self.curves.append(
             {"epoch": self.epoch + 1, "train_loss": train_loss, "seconds": seconds, **valid}
         )
+        if not valid:
+            logger.info(
+                "epoch %d: loss %.4f, no validation (data.holdout=%s) (%.1fs)",
+                self.epoch + 1,
+                train_loss,
+                self.cfg.data.holdout,
+                seconds,
+            )
+            self.epoch += 1
+            self.batch_in_epoch = 0
+            self.best_epoch, self.bad_epochs = self.epoch - 1, 0
+            self.run_state("best").save(self.out_dir / BEST)
+            self.save_checkpoint()
+            return
+        score = valid[self.cfg.monitor]
         logger.info(
             "epoch %d: loss %.4f, valid %s %.4f (%.1fs)",
             self.epoch + 1,
@@ -197,7 +250,10 @@ class Trainer:
         return user_encoder(tower, tables, self.ds), tables
 
     def validate(self) -> dict[str, float]:
-        """Filtered validation metrics (full ranking) on the validation split."""
+        """Filtered validation metrics (full ranking) on the validation split; ``{}`` when the
+        data hold out no validation split (``data.holdout=none``)."""
+        if not self.has_validation:
+            return {}
         enc, tables = self.encoder()
         result = evaluate_model(
             self.ds,
@@ -311,7 +367,7 @@ class TrainResult:
 
     cfg: TrainConfig
     dataset: Dataset
-    tower: UserTower
+    tower: UserTower | SequenceTower
     tables: dict[str, torch.Tensor]
     curves: list[dict]
     best_epoch: int  # 0-based

@@ -31,6 +31,7 @@ from trainer.config import (  # noqa: E402
 from trainer.data import DataConfig, SyntheticConfig, load_dataset  # noqa: E402
 from trainer.distributed.driver import train_distributed  # noqa: E402
 from trainer.distributed.session import local_ray  # noqa: E402
+from trainer.model import SequenceConfig  # noqa: E402
 from trainer.pipeline import run_training  # noqa: E402
 from trainer.train import Trainer  # noqa: E402
 
@@ -196,3 +197,36 @@ def test_two_workers_train_in_step(ray_cluster, local_run, dataset, tmp_path, mo
     assert result.curves[-1]["HR@50"] > curves[-1]["HR@50"] - 0.05
     steps_per_epoch = math.ceil(len(dataset.train_positions) / cfg.batch_size)
     assert result.global_step == 2 * steps_per_epoch and result.recoveries == 0
+
+
+def test_sequence_tower_on_sharded_tables_equals_local(ray_cluster, dataset, tmp_path):
+    """The sequence tower (every window position a target, shared negatives) over 2 Ray shards
+    trains exactly as in process, and its artifacts serve its own user vectors."""
+    model = ModelConfig(
+        tower="sequence", embedding_dim=16, sequence=SequenceConfig(blocks=1, dropout=0.1)
+    )
+    local_cfg = config(tmp_path / "local").model_copy(update={"model": model, "batch_size": 32})
+    torch.set_num_threads(1)
+    trainer = Trainer(local_cfg, dataset)
+    curves = trainer.fit()
+    trainer.load_best()
+    assert trainer.examples_in(trainer.units) == len(dataset.train_positions)
+    ray_cfg = local_cfg.model_copy(
+        update={
+            "out_dir": tmp_path / "ray",
+            "distributed": DistributedConfig(num_shards=2, use_ray=True),
+        }
+    )
+    artifacts = run_training(ray_cfg, dataset=dataset)
+    got = read_curves(artifacts)
+    assert_curves_close(got, curves, "train_loss", 1e-4)
+    assert_curves_close(got, curves, "HR@50", 1e-4)
+    art = load_artifacts(artifacts)
+    assert type(art.encoder.tower).__name__ == "SequenceTower"
+    tables = trainer.store.full_tables()
+    torch.testing.assert_close(
+        torch.from_numpy(art.output_embeddings), tables["output"], rtol=0, atol=1e-4
+    )
+    hist = [[3, 1, 4], [1, 5, 9, 2, 6]]
+    expected = trainer.encoder()[0].encode(hist)
+    torch.testing.assert_close(art.encoder.encode(hist), expected, rtol=0, atol=1e-4)

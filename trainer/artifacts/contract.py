@@ -33,7 +33,8 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
 from safetensors.torch import load_file
 
-from trainer.model import ModelConfig, UserEncoder, UserTower
+from trainer.model import ModelConfig, UserEncoder
+from trainer.sequence import build_user_tower
 
 if TYPE_CHECKING:
     from trainer.config import TrainConfig
@@ -73,6 +74,7 @@ class Manifest(BaseModel):
     embedding_dim: int
     metrics: dict[str, Any]
     files: dict[str, str]  # file name -> sha256 of every other file
+    holdout: str = "test"  # data.holdout: what was held out of training (test, valid, none)
 
     def __getitem__(self, key: str) -> Any:
         if key in type(self).model_fields:
@@ -96,6 +98,7 @@ def write_manifest(
     num_users: int,
     embedding_dim: int,
     metrics: dict[str, Any],
+    holdout: str = "test",
 ) -> Manifest:
     """Checksum every file of ``directory`` and write its manifest (the last file written).
 
@@ -116,6 +119,7 @@ def write_manifest(
         embedding_dim=embedding_dim,
         metrics=metrics,
         files=files,
+        holdout=holdout,
     )
     (directory / MANIFEST).write_text(json.dumps(manifest.model_dump(), indent=2, default=str))
     return manifest
@@ -228,7 +232,7 @@ def load_artifacts(path: str | Path, verify: bool = True) -> Artifacts:
     except (KeyError, OSError, ValueError) as e:
         raise ArtifactError(f"{path}: cannot load artifacts ({type(e).__name__}: {e}).") from None
     sizes = {n: len(v) for n, v in feats["user_features"].items()}
-    tower = UserTower(
+    tower = build_user_tower(
         model,
         sizes,
         tower_state.get("item_features"),

@@ -25,6 +25,7 @@ from trainer.artifacts.contract import write_manifest
 from trainer.config import TrainConfig
 from trainer.data import Dataset
 from trainer.model import UserTower
+from trainer.sequence import SequenceTower
 
 logger = logging.getLogger(__name__)
 
@@ -47,10 +48,14 @@ def plot_curves(curves: list[dict], path: Path, monitor: str) -> None:
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.5))
     a.plot(epochs, [c["train_loss"] for c in curves], marker="o")
     a.set(xlabel="epoch", ylabel="training loss", title="loss")
-    for key in sorted({k for c in curves for k in c if k.startswith("HR@")}):
+    keys = sorted({k for c in curves for k in c if k.startswith("HR@")})
+    for key in keys:
         b.plot(epochs, [c.get(key, np.nan) for c in curves], marker="o", label=key)
     b.set(xlabel="epoch", ylabel="validation (history excluded)", title=f"validation ({monitor})")
-    b.legend()
+    if keys:
+        b.legend()
+    else:
+        b.set_title("no validation split (data.holdout)")
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
@@ -60,7 +65,7 @@ def export_artifacts(
     out: str | Path,
     cfg: TrainConfig,
     ds: Dataset,
-    tower: UserTower,
+    tower: UserTower | SequenceTower,
     tables: dict[str, torch.Tensor],
     curves: list[dict],
     metrics: dict,
@@ -88,6 +93,7 @@ def export_artifacts(
             num_users=ds.num_users,
             embedding_dim=int(tables["output"].shape[1]),
             metrics=metrics,
+            holdout=cfg.data.holdout,
         )
         os.chmod(tmp, 0o755)
         for f in tmp.iterdir():

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
         history_batch,
         history_sets,
         split_positions,
+        target_windows,
     )
     from trainer.data.synthetic import generate as generate_synthetic
     from trainer.data.vocab import IdIndex, ItemVocab
@@ -50,6 +51,7 @@ _EXPORTS = {
     "history_sets": ("trainer.data.sequences", "history_sets"),
     "load_dataset": ("trainer.data.loader", "load_dataset"),
     "split_positions": ("trainer.data.sequences", "split_positions"),
+    "target_windows": ("trainer.data.sequences", "target_windows"),
 }
 __all__ = [
     "DataConfig",
@@ -66,6 +68,7 @@ __all__ = [
     "history_sets",
     "load_dataset",
     "split_positions",
+    "target_windows",
 ]
 
 

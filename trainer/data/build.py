@@ -9,7 +9,9 @@ Every source (synthetic, MovieLens, an interactions file) ends here. The steps:
    interactions with equal timestamps keep their file order;
 4. ``split_positions`` (leave-last-out): the last interaction is the test target, the one
    before it the validation target, and every earlier interaction that has at least one
-   interaction before it is a training target. A user with exactly 2 gives a test example only;
+   interaction before it is a training target. A user with exactly 2 gives a test example only.
+   With ``holdout="valid"`` the last interaction is the validation target and there is no test;
+   with ``holdout="none"`` every interaction after a user's first is a training target;
 5. ``index_items`` and ``order_items``: items re-indexed by descending frequency among the
    *training targets* (``seq.items[train_positions]``), ties by original id ascending; items
    that are never a training target (seen only as a first interaction, in validation or in
@@ -264,6 +266,7 @@ def build_dataset(
     fingerprint: str,
     max_history: int = 50,
     drop_short_users: bool = False,
+    holdout: str = "test",
     user_table: UserTable | None = None,
     item_table: ItemTable | None = None,
     row_user_features: dict[str, np.ndarray] | None = None,
@@ -280,6 +283,7 @@ def build_dataset(
         fingerprint: stored on the data set.
         max_history: stored on the data set.
         drop_short_users: drop users with fewer than 2 interactions (else ValueError).
+        holdout: what ``split_positions`` holds out (``test``, ``valid`` or ``none``).
         user_table, item_table: side information keyed by original id.
         row_user_features: name -> ``[R]`` str values; a user takes the value of its latest row.
         row_item_features: name -> ``[R]`` ``|``-separated token strings; an item takes the
@@ -303,7 +307,7 @@ def build_dataset(
     )
     order, offsets = group_by_user(user_codes, rows.timestamps, len(users))
     item_keys, item_codes = index_items(rows.items, catalogue)
-    train, valid, test = split_positions(offsets)
+    train, valid, test = split_positions(offsets, holdout)
     perm, popularity = order_items(item_codes[order], train, len(item_keys))
     new_codes = inverse_permutation(perm)[item_codes[order]]
     seq = Interactions(offsets, new_codes, rows.timestamps[order])

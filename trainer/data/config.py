@@ -13,6 +13,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Source = Literal["synthetic", "movielens-100k", "movielens-1m", "interactions"]
+Holdout = Literal["test", "valid", "none"]
 
 
 class SyntheticConfig(BaseModel):
@@ -84,6 +85,12 @@ class DataConfig(BaseModel):
         item_feature_cols: item columns of ``path`` whose values are ``|``-separated tokens
             (a bag per item, from the item's first row).
         max_history: how many recent items form an example's input history.
+        holdout: what is held out of training. ``test`` (default): each user's last
+            interaction is the test target and the one before it the validation target (model
+            selection, quality tables); ``valid``: only the last interaction is held out, as
+            validation (no test metrics); ``none``: every interaction is trained on (no
+            validation, no early stopping, no test metrics; the number of epochs comes from
+            ``epochs`` or ``epochs_from``).
         drop_short_users: drop users with fewer than 2 interactions instead of failing.
         synthetic: the generator settings for ``source="synthetic"``.
     """
@@ -99,6 +106,7 @@ class DataConfig(BaseModel):
     user_feature_cols: list[str] = Field(default_factory=list)
     item_feature_cols: list[str] = Field(default_factory=list)
     max_history: int = Field(50, ge=1)
+    holdout: Holdout = "test"
     drop_short_users: bool = False
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
 

@@ -47,6 +47,7 @@ def load_interactions(cfg: DataConfig, path: Path, *, fingerprint: str) -> Datas
         fingerprint=fingerprint,
         max_history=cfg.max_history,
         drop_short_users=cfg.drop_short_users,
+        holdout=cfg.holdout,
         row_user_features=row_user or None,
         row_item_features=row_items or None,
     )

@@ -40,7 +40,11 @@ def fingerprint(cfg: DataConfig, files: list[Path]) -> str:
 def load_dataset(cfg: DataConfig) -> Dataset:
     """Load, split and index the data named by ``cfg`` (see ``trainer.data.dataset``)."""
     start = time.perf_counter()
-    common = {"max_history": cfg.max_history, "drop_short_users": cfg.drop_short_users}
+    common = {
+        "max_history": cfg.max_history,
+        "drop_short_users": cfg.drop_short_users,
+        "holdout": cfg.holdout,
+    }
     if cfg.source == "synthetic":
         ds = load_synthetic(cfg.synthetic, fingerprint=fingerprint(cfg, []), **common)
     elif cfg.source in RELEASES:

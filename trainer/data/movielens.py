@@ -233,7 +233,13 @@ def release_files(source: str, data_dir: Path) -> list[Path]:
 
 
 def load_movielens(
-    source: str, data_dir: Path, *, fingerprint: str, max_history: int, drop_short_users: bool
+    source: str,
+    data_dir: Path,
+    *,
+    fingerprint: str,
+    max_history: int,
+    drop_short_users: bool,
+    holdout: str = "test",
 ) -> Dataset:
     """The data set of release ``source`` (``"movielens-100k"`` / ``"movielens-1m"``) found in
     ``data_dir`` or its subfolder (``ml-100k/``; ``ml-1m/``, ``ml-1m-partial/``)."""
@@ -244,6 +250,7 @@ def load_movielens(
         fingerprint=fingerprint,
         max_history=max_history,
         drop_short_users=drop_short_users,
+        holdout=holdout,
         user_table=release.users,
         item_table=release.items,
         item_vocab_order=release.genres,

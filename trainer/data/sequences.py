@@ -142,23 +142,75 @@ def history_sets(seq: Interactions, positions: np.ndarray | Sequence[int]) -> It
     return ItemSets(offsets, items.astype(np.int64, copy=False))
 
 
-def split_positions(offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def split_positions(
+    offsets: np.ndarray, holdout: str = "test"
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Leave-last-out split of a CSR whose every user has at least 2 interactions.
 
     Args:
         offsets: int64 ``[num_users + 1]``, the CSR offsets of ``Interactions``.
+        holdout: ``"test"``: test = each user's last position, valid = the one before it for
+            users with >= 3 interactions; ``"valid"``: valid = each user's last position, no
+            test; ``"none"``: nothing held out.
 
     Returns:
-        ``(train, valid, test)`` int64 target positions, ascending: test = each user's last
-        position; valid = the one before it for users with >= 3 interactions; train = every
-        other position that has at least one earlier interaction of the same user.
+        ``(train, valid, test)`` int64 target positions, ascending; train = every position
+        that is not held out and has at least one earlier interaction of the same user.
     """
+    if holdout not in ("test", "valid", "none"):
+        raise ValueError(f"holdout must be 'test', 'valid' or 'none', got {holdout!r}.")
     starts, ends = offsets[:-1], offsets[1:]
     n = ends - starts
-    test = (ends - 1).astype(np.int64)
-    valid = (ends - 2)[n >= 3].astype(np.int64)
+    empty = np.zeros(0, dtype=np.int64)
+    if holdout == "test":
+        test = (ends - 1).astype(np.int64)
+        valid = (ends - 2)[n >= 3].astype(np.int64)
+        held = 2
+    elif holdout == "valid":
+        test, valid, held = empty, (ends - 1).astype(np.int64), 1
+    else:
+        test, valid, held = empty, empty, 0
     total = int(offsets[-1])
     within = np.arange(total, dtype=np.int64) - np.repeat(starts, n)
     n_rep = np.repeat(n, n)
-    train = np.flatnonzero((within >= 1) & (within <= n_rep - 3)).astype(np.int64)
+    train = np.flatnonzero((within >= 1) & (within <= n_rep - 1 - held)).astype(np.int64)
     return train, valid, test
+
+
+def target_windows(
+    seq: Interactions, train: np.ndarray, max_len: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each user's training targets cut into windows of at most ``max_len`` consecutive
+    positions, from the latest backwards (the sequence tower's training examples).
+
+    Args:
+        seq: the interactions.
+        train: int64 ``[T]`` training target positions, ascending.
+        max_len: the most targets per window (the history length).
+
+    Returns:
+        ``(ends, counts)`` int64 ``[W]``, ascending by end: window ``w`` trains the targets
+        ``ends[w] - counts[w] + 1 .. ends[w]``, all of one user and all in ``train``; every
+        training position is in exactly one window.
+    """
+    if len(train) == 0:
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty
+    users = _user_of(seq, train)
+    # a run = consecutive training positions of one user
+    breaks = np.flatnonzero((np.diff(train) != 1) | (np.diff(users) != 0)) + 1
+    run_start = np.concatenate([[0], breaks])
+    run_end = np.concatenate([breaks, [len(train)]])  # exclusive, indices into train
+    ends, counts = [], []
+    for a, b in zip(run_start.tolist(), run_end.tolist()):
+        last = b
+        while last > a:
+            first = max(a, last - max_len)
+            ends.append(int(train[last - 1]))
+            counts.append(last - first)
+            last = first
+    order = np.argsort(ends)
+    return (
+        np.asarray(ends, dtype=np.int64)[order],
+        np.asarray(counts, dtype=np.int64)[order],
+    )

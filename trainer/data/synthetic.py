@@ -222,7 +222,12 @@ def _user_attributes(
 
 
 def load_synthetic(
-    cfg: SyntheticConfig, *, fingerprint: str, max_history: int, drop_short_users: bool
+    cfg: SyntheticConfig,
+    *,
+    fingerprint: str,
+    max_history: int,
+    drop_short_users: bool,
+    holdout: str = "test",
 ) -> Dataset:
     data = generate(cfg)
     return build_dataset(
@@ -233,6 +238,7 @@ def load_synthetic(
         fingerprint=fingerprint,
         max_history=max_history,
         drop_short_users=drop_short_users,
+        holdout=holdout,
         user_table=data.user_table,
         item_table=data.item_table,
         catalogue=data.item_table.keys,

@@ -167,7 +167,8 @@ class ShardedTrainer(Trainer):
         batch, negatives = self.draw_batch(mine)
         ids = step_ids(batch, negatives, self.num_items)[0]
         self.times.prepare += time.perf_counter() - start
-        return Prepared(batch, negatives, ids, len(mine) / len(positions), gen_before)
+        weight = self.examples_in(mine) / self.examples_in(positions)
+        return Prepared(batch, negatives, ids, weight, gen_before)
 
     def step(self, cur: Prepared, step: int) -> tuple[float, int]:
         """Training step ``step`` (the next one) on ``cur``; (mean loss of the part, examples)."""
