@@ -49,13 +49,20 @@ ID_ONLY = [
 SEQUENCE = ["model.tower=sequence"]
 FULL = ["loss.kind=full"]
 
-# name -> (label, section, overrides); popularity and sasrec are not our trainer.
+# name -> (label, section, config suffix, overrides); popularity and sasrec are not our trainer.
+# A suffix picks configs/<dataset><suffix>.yaml when it exists (the sequence tower's tuned
+# configs/<dataset>-sequence.yaml), else configs/<dataset>.yaml with the overrides.
 OURS = {
-    "mean": ("ours, mean tower, sampled softmax", "id", ID_ONLY),
-    "sequence": ("ours, sequence tower, sampled softmax", "id", ID_ONLY + SEQUENCE),
-    "sequence-full": ("ours, sequence tower, full softmax", "id", ID_ONLY + SEQUENCE + FULL),
-    "features": ("ours, mean tower + features, sampled softmax", "features", []),
-    "features-full": ("ours, mean tower + features, full softmax", "features", FULL),
+    "mean": ("ours, mean tower, sampled softmax", "id", "", ID_ONLY),
+    "sequence": ("ours, sequence tower, sampled softmax", "id", "-sequence", ID_ONLY + SEQUENCE),
+    "sequence-full": (
+        "ours, sequence tower, full softmax",
+        "id",
+        "-sequence",
+        ID_ONLY + SEQUENCE + FULL,
+    ),
+    "features": ("ours, mean tower + features, sampled softmax", "features", "", []),
+    "features-full": ("ours, mean tower + features, full softmax", "features", "", FULL),
 }
 MODELS = [
     "popularity",
@@ -94,6 +101,7 @@ class Row:
     label: str
     section: str
     runs: list[Run] = field(default_factory=list)
+    source: str = ""  # the config and overrides (or the peer) that produced it
 
     def mean(self, key: str) -> float:
         return float(np.mean([r.metrics[key] for r in self.runs]))
@@ -135,14 +143,16 @@ def comparisons(rows: dict[str, Row]) -> list[str]:
     for a, b, key, goal in checks:
         r = ratio(rows.get(a), rows.get(b), key)
         if r is not None:
-            target = "" if goal is None else f" (target >= {goal:g}: {'met' if r >= goal else 'missed'})"
+            target = (
+                "" if goal is None else f" (target >= {goal:g}: {'met' if r >= goal else 'missed'})"
+            )
             out.append(f"* {key} {a} / {b}: {r:.3f}x{target}")
     return out
 
 
 def per_seed(rows: dict[str, Row], seeds: list[int]) -> list[str]:
-    """One line per trained row: HR@10 / NDCG@10 of each seed."""
-    out = []
+    """One line per trained row: what produced it, HR@10 / NDCG@10 of each seed."""
+    out = [f"* {name}: {row.source}" for name, row in rows.items() if row.source]
     for name, row in rows.items():
         if any(r.examples for r in row.runs):
             hr = " / ".join(f"{r.metrics['HR@10']:.3f}" for r in row.runs)
@@ -198,9 +208,8 @@ def run_ours(cfg: TrainConfig, ds: Dataset) -> Run:
     enc, tables = trainer.encoder()
     result = metrics.evaluate(ds, score_function(enc, tables, ds), "test", ks=KS)
     epochs = len(trainer.curves)
-    return Run(
-        result["filtered"], seconds, trainer.train_seconds, epochs * len(ds.train_positions), epochs
-    )
+    per_epoch = trainer.examples_in(trainer.epoch_order(0))  # targets (all of a window's)
+    return Run(result["filtered"], seconds, trainer.train_seconds, epochs * per_epoch, epochs)
 
 
 def run_popularity(ds: Dataset) -> Run:
@@ -231,37 +240,64 @@ def run_recbole(ds: Dataset, seed: int, args: argparse.Namespace) -> Run:
     return Run(result["filtered"], p.seconds, p.train_seconds, p.examples, p.epochs)
 
 
+@dataclass
+class Spec:
+    """How to produce a row: its label, section, a one-line source and ``run(ds, seed)``."""
+
+    label: str
+    section: str
+    source: str
+    run: Callable[[Dataset, int], Run]
+
+
 def runners(
     config: str, data_dir: Path, args: argparse.Namespace, extra: dict[str, list[str]]
-) -> dict[str, tuple[str, str, Callable[[Dataset, int], Run]] | str]:
-    """name -> (label, section, run(ds, seed)), or a reason string when the row can't run."""
-    from benchmarks import peer
+) -> dict[str, Spec | str]:
+    """name -> its ``Spec``, or a reason string when the row cannot run in this build."""
+    from benchmarks import peer, sasrec
 
-    out: dict[str, tuple[str, str, Callable[[Dataset, int], Run]] | str] = {
-        "popularity": ("popularity", "id", lambda ds, seed: run_popularity(ds)),
-    }
-    out["sasrec"] = (
-        "SASRec (pmixer/SASRec.pytorch model, independent)",
-        "id",
-        lambda ds, seed: run_sasrec(ds, seed, args),
+    peer_args = (
+        f"--peer-epochs {args.peer_epochs} --peer-eval-every {args.peer_eval_every} "
+        f"--peer-patience {args.peer_patience}"
     )
+    out: dict[str, Spec | str] = {
+        "popularity": Spec("popularity", "id", "", lambda ds, seed: run_popularity(ds)),
+        "sasrec": Spec(
+            "SASRec (pmixer/SASRec.pytorch model, independent)",
+            "id",
+            f"benchmarks/sasrec.py, {sasrec.SASRecArgs()} (maxlen = data.max_history), {peer_args}",
+            lambda ds, seed: run_sasrec(ds, seed, args),
+        ),
+    }
     if peer.recbole_available():
-        label = f"SASRec (RecBole {peer.RECBOLE_VERSION}, independent)"
-        out["sasrec-recbole"] = (label, "id", lambda ds, seed: run_recbole(ds, seed, args))
+        out["sasrec-recbole"] = Spec(
+            f"SASRec (RecBole {peer.RECBOLE_VERSION}, independent)",
+            "id",
+            f"benchmarks/peer.py, {peer.SASREC}, --peer-epochs {args.peer_epochs}",
+            lambda ds, seed: run_recbole(ds, seed, args),
+        )
     else:
         out["sasrec-recbole"] = f"RecBole is not installed ({peer.INSTALL})"
-    for name, (label, section, overrides) in OURS.items():
+    base = model_config(config, data_dir, [])
+    for name, (label, section, suffix, overrides) in OURS.items():
+        own = Path(config).with_name(Path(config).stem + suffix + ".yaml")
+        path = str(own) if suffix and own.exists() else config
         overrides = [*overrides, *extra.get(name, [])]
         try:
-            model_config(config, data_dir, overrides)
+            cfg = model_config(path, data_dir, overrides)
         except ValueError as e:
             out[name] = f"not in this build ({str(e)[:160]})"
             continue
+        if cfg.data != base.data:
+            raise ValueError(
+                f"{path} loads other data than {config} ({cfg.data} vs {base.data}); every row "
+                f"must use the same split. Align the data sections."
+            )
 
-        def run(ds: Dataset, seed: int, overrides: list[str] = overrides) -> Run:
-            return run_ours(model_config(config, data_dir, [f"seed={seed}", *overrides]), ds)
+        def run(ds: Dataset, seed: int, path: str = path, overrides: list[str] = overrides) -> Run:
+            return run_ours(model_config(path, data_dir, [f"seed={seed}", *overrides]), ds)
 
-        out[name] = (label, section, run)
+        out[name] = Spec(label, section, f"{path} {' '.join(overrides)}".strip(), run)
     return out
 
 
@@ -281,10 +317,9 @@ def run_dataset(name: str, config: str, data_dir: Path, args: argparse.Namespace
         if isinstance(spec, str):
             skipped.append(f"* {model}: skipped, {spec}")
             continue
-        label, section, run = spec
-        row = Row(label, section)
+        row = Row(spec.label, spec.section, source=spec.source)
         for seed in args.seeds if model != "popularity" else args.seeds[:1]:
-            row.runs.append(run(ds, seed))
+            row.runs.append(spec.run(ds, seed))
             logger.warning("%s %s seed %d: %s", name, model, seed, row.runs[-1])
         rows[model] = row
     rows = {m: rows[m] for m in MODELS if m in rows}

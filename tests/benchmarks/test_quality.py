@@ -114,11 +114,11 @@ def test_render_sections_ratios_and_targets():
         "mean": quality.Row("mean tower", "id", [_run(0.2, 0.1, 1, 1, 10, 1)]),
         "sequence": quality.Row("seq", "id", [_run(0.26, 0.12, 1, 1, 10, 1)]),
         "sasrec": quality.Row("sasrec", "id", [_run(0.25, 0.13, 1, 1, 10, 1)]),
-        "features": quality.Row("feat", "features", [_run(0.3, 0.2, 1, 1, 10, 1)]),
+        "features": quality.Row("featrow", "features", [_run(0.3, 0.2, 1, 1, 10, 1)]),
     }
     text = quality.render("x", "summary", rows, [0])
     id_part, feat_part = text.split("with side features:")
-    assert "mean tower" in id_part and "feat" not in id_part and "| feat " in feat_part
+    assert "mean tower" in id_part and "featrow" not in id_part and "| featrow " in feat_part
     assert "* HR@10 sequence / mean: 1.300x (target >= 1.25: met)" in text
     assert "* NDCG@10 sequence / mean: 1.200x (target >= 1.25: missed)" in text
     assert "* NDCG@10 sequence / sasrec: 0.923x (target >= 1: missed)" in text
@@ -156,7 +156,7 @@ def test_benchmark_end_to_end_on_tiny_synthetic_data(tmp_path):
     models = ["popularity", "mean", "features"]
     models += ["sasrec"] if peer.recbole_available() else []
     args = argparse.Namespace(
-        models=models, seeds=[0], peer_epochs=1, peer_patience=1,
+        models=models, seeds=[0], peer_epochs=2, peer_eval_every=1, peer_patience=1,
         sequence_overrides=[], mean_overrides=[],
     )  # fmt: skip
     text = quality.run_dataset("tiny", str(config), Path(tmp_path), args)
