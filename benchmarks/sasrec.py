@@ -197,7 +197,7 @@ def train_sasrec(
         model.eval()
         score = metrics.evaluate(ds, score_function(model, ds, args.maxlen), "valid", ks=(10,))
         ndcg = score["filtered"]["NDCG@10"]
-        logger.info("SASRec epoch %d: loss %.4f, valid NDCG@10 %.4f", epoch, float(loss), ndcg)
+        logger.info("SASRec epoch %d: loss %.4f, valid NDCG@10 %.4f", epoch, loss.item(), ndcg)
         if ndcg > best:
             best, best_state, best_epoch, bad = ndcg, copy.deepcopy(model.state_dict()), epoch, 0
         else:

@@ -10,15 +10,9 @@ import pytest
 import yaml
 
 from benchmarks import peer, quality
-from trainer.data import DataConfig, history_batch, load_dataset
+from tests.benchmarks.data import SYNTHETIC, tiny_dataset
+from trainer.data import history_batch
 from trainer.metrics import metrics_from_ranks
-
-SYNTHETIC = {"num_users": 120, "num_items": 200, "mean_sequence_length": 12, "seed": 3}
-
-
-@pytest.fixture(scope="module")
-def ds():
-    return load_dataset(DataConfig(source="synthetic", max_history=8, synthetic=SYNTHETIC))
 
 
 def test_atomic_rows_are_our_sequences_in_order(ds):
@@ -135,7 +129,7 @@ def test_recbole_split_is_ours_and_a_different_one_is_caught(ds, tmp_path):
     rb = create_dataset(cfg)
     loaders = data_preparation(cfg, rb)
     peer.check_same_split(ds, rb, loaders)  # raises on any difference
-    shifted = load_dataset(DataConfig(source="synthetic", max_history=7, synthetic=SYNTHETIC))
+    shifted = tiny_dataset(max_history=7)
     with pytest.raises(ValueError, match="test histories differ"):
         peer.check_same_split(shifted, rb, loaders)  # same targets, histories 7 long not 8
 
