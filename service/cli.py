@@ -88,6 +88,16 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, CliSettingsSource
     return parser, sources
 
 
+# Kebab-case flags (--index.ef-search), --no-<flag> for booleans, no JSON values, and the
+# SHARDREC_* variable of each setting in its help line.
+_CLI_STYLE = {
+    "cli_kebab_case": True,
+    "cli_implicit_flags": True,
+    "cli_avoid_json": True,
+    "cli_show_env_vars": True,
+}
+
+
 def _flags(
     settings_cls: type[ArtifactSettings], parser: argparse.ArgumentParser, shortcuts: dict[str, str]
 ) -> CliSettingsSource:
@@ -95,12 +105,9 @@ def _flags(
     return CliSettingsSource(
         settings_cls,
         root_parser=parser,
-        cli_kebab_case=True,
-        cli_implicit_flags=True,
-        cli_avoid_json=True,
-        cli_show_env_vars=True,
         cli_shortcuts=shortcuts,
         add_argument_method=_add_flag,
+        **_CLI_STYLE,
     )
 
 

@@ -33,10 +33,11 @@ class SequenceConfig(BaseModel):
     norm: Literal["pre", "post"] = Field("pre", description="layer norm before or after blocks")
     ffn_factor: int = Field(1, ge=1, description="feed-forward width = ffn_factor * dim")
     window_targets: int | None = Field(
-        None,
+        10,
         ge=1,
-        description="training targets per window (None: data.max_history); fewer gives every "
-        "target at least max_history - window_targets items of context, at more compute",
+        description="training targets per window of max_history items (None: max_history, "
+        "no overlap); fewer gives every target at least max_history - window_targets items of "
+        "context, at more compute per target",
     )
 
 

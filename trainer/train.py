@@ -92,8 +92,7 @@ class Trainer:
         self.gen = torch.Generator().manual_seed(cfg.seed)
         # The units an epoch shuffles and batches: target positions (mean tower), or target
         # windows by their last position, ``window_counts`` targets each (sequence tower).
-        self.windows = cfg.model.tower == "sequence"
-        if self.windows:
+        if cfg.model.tower == "sequence":
             per_window = min(
                 cfg.model.sequence.window_targets or cfg.data.max_history, cfg.data.max_history
             )

@@ -13,7 +13,9 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, Self
+
+from service.store.checks import check_id, group_rows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,3 +123,29 @@ class HistoryStore(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+class StoreBase:
+    """What both stores do the same way on top of their own `histories`, `seed` and `close`."""
+
+    def history(self, user_id: str, limit: int) -> list[str]:
+        """The last ``limit`` item ids watched by ``user_id``, oldest first (most recent last).
+
+        Unknown users have an empty history.
+        """
+        return self.histories([check_id(user_id, "user_id")], limit)[0]  # type: ignore[attr-defined]
+
+    def seed_rows(
+        self, rows: Iterable[tuple[str, str, float]], model_version: str | None = None
+    ) -> int:
+        """`seed` from flat ``(user_id, item_id, timestamp)`` rows (e.g. a histories.csv reader).
+
+        The rows are grouped per user in memory first; returns the number of events written.
+        """
+        return self.seed(group_rows(rows), model_version)  # type: ignore[attr-defined]
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()  # type: ignore[attr-defined]

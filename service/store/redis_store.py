@@ -32,15 +32,8 @@ import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
-from service.store.base import ModelPointer
-from service.store.checks import (
-    check_id,
-    check_items,
-    check_limit,
-    check_timestamps,
-    group_rows,
-    prepare_seed,
-)
+from service.store.base import ModelPointer, StoreBase
+from service.store.checks import check_id, check_items, check_limit, check_timestamps, prepare_seed
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +103,7 @@ def _redis_module() -> Any:
     return redis
 
 
-class RedisHistoryStore:
+class RedisHistoryStore(StoreBase):
     """User histories in Redis (see the module docstring).
 
     Args:
@@ -202,12 +195,6 @@ class RedisHistoryStore:
     def close(self) -> None:
         self._client.close()
 
-    def __enter__(self) -> RedisHistoryStore:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     def _generation(self) -> int:
         return int(self._client.hget(self._meta_key, "generation") or 0)
 
@@ -215,9 +202,6 @@ class RedisHistoryStore:
         return f"{self._prefix}g{generation}:"
 
     # ------------------------------------------------------------------ reads
-
-    def history(self, user_id: str, limit: int) -> list[str]:
-        return self.histories([check_id(user_id, "user_id")], limit)[0]
 
     def histories(self, user_ids: Sequence[str], limit: int) -> list[list[str]]:
         limit = check_limit(limit)
@@ -250,11 +234,6 @@ class RedisHistoryStore:
             keys=[self._meta_key], args=[self._prefix, self._keep, user_id, *items]
         )
         return int(length)
-
-    def seed_rows(
-        self, rows: Iterable[tuple[str, str, float]], model_version: str | None = None
-    ) -> int:
-        return self.seed(group_rows(rows), model_version)
 
     def seed(
         self,

@@ -34,15 +34,8 @@ import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
-from service.store.base import ModelPointer
-from service.store.checks import (
-    check_id,
-    check_items,
-    check_limit,
-    check_timestamps,
-    group_rows,
-    prepare_seed,
-)
+from service.store.base import ModelPointer, StoreBase
+from service.store.checks import check_id, check_items, check_limit, check_timestamps, prepare_seed
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +64,7 @@ _SEED_BATCH = 10_000
 _HISTORY = "SELECT item_id FROM events WHERE user_id = ? ORDER BY seq DESC LIMIT ?"
 
 
-class SQLiteHistoryStore:
+class SQLiteHistoryStore(StoreBase):
     """User watch histories, most recent last, in SQLite (see the module docstring).
 
     Args:
@@ -168,12 +161,6 @@ class SQLiteHistoryStore:
             with contextlib.suppress(sqlite3.Error):
                 conn.close()
 
-    def __enter__(self) -> SQLiteHistoryStore:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     def _check_schema(self) -> None:
         with self._write() as conn:
             row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
@@ -188,13 +175,6 @@ class SQLiteHistoryStore:
                 )
 
     # ------------------------------------------------------------------ reads
-
-    def history(self, user_id: str, limit: int) -> list[str]:
-        """The last ``limit`` item ids watched by ``user_id``, oldest first (most recent last).
-
-        Unknown users have an empty history.
-        """
-        return self.histories([check_id(user_id, "user_id")], limit)[0]
 
     def histories(self, user_ids: Sequence[str], limit: int) -> list[list[str]]:
         """`history` of each of ``user_ids`` ``[B]`` (one connection, one prepared statement)."""
@@ -294,17 +274,6 @@ class SQLiteHistoryStore:
                 (user_id, new_length),
             )
         return new_length
-
-    def seed_rows(
-        self,
-        rows: Iterable[tuple[str, str, float]],
-        model_version: str | None = None,
-    ) -> int:
-        """`seed` from flat ``(user_id, item_id, timestamp)`` rows (e.g. a histories.csv reader).
-
-        The rows are grouped per user in memory first; returns the number of events written.
-        """
-        return self.seed(group_rows(rows), model_version)
 
     def seed(
         self,

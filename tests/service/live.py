@@ -114,8 +114,8 @@ class RedisServer:
         binary = shutil.which("redis-server")
         if binary is None:
             pytest.skip(
-                "redis-server is not installed (make install installs it with apt-get when "
-                "run as root; or apt-get install -y redis-server)"
+                "redis-server is not installed (`make test` installs it with apt-get when run "
+                "as root; or apt-get install -y redis-server)"
             )
         self.binary = binary
         self.data_dir = data_dir

@@ -32,6 +32,7 @@ V1_KEYS = [
     "embedding_dim",
     "metrics",
     "files",
+    "holdout",  # added within format 1 (issue 10); a manifest without it reads as "test"
 ]
 
 
@@ -53,6 +54,8 @@ def test_the_manifest_on_disk_is_format_1(artifacts_a: Path) -> None:
     assert manifest.model_dump() == raw  # nothing lost or added on the way in
     assert manifest["metrics"] == manifest.metrics == raw["metrics"]  # reads like the document
     assert manifest.get("no-such-key", "default") == "default"
+    older = {k: v for k, v in raw.items() if k != "holdout"}  # written before the key existed
+    assert Manifest.model_validate(older).holdout == "test"
 
 
 def test_the_tower_comes_from_the_model_part_of_the_config(artifacts_a: Path) -> None:

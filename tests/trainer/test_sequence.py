@@ -231,3 +231,17 @@ def test_sequence_config_trains_on_a_plain_interactions_file(tmp_path):
     row = art.item_index()
     vec = art.encoder.encode([[row["i3"], row["i4"]]])
     assert vec.shape == (1, 16) and torch.isfinite(vec).all()
+
+
+def test_validation_only_holdout_selects_on_the_last_item_and_has_no_test(tmp_path):
+    cfg = load_config(None, [*TINY_RUN, "data.holdout=valid", "epochs=2", f"out_dir={tmp_path}"])
+    ds = load_dataset(cfg.data)
+    firsts, lasts = ds.seq.offsets[:-1], ds.seq.offsets[1:] - 1
+    assert np.array_equal(ds.valid_positions, lasts) and len(ds.test_positions) == 0
+    assert np.array_equal(
+        ds.train_positions, np.setdiff1d(np.arange(len(ds.seq)), np.concatenate([firsts, lasts]))
+    )
+    art = load_artifacts(run_training(cfg, dataset=ds))
+    assert art.manifest["holdout"] == "valid" and "model" not in art.manifest["metrics"]
+    curves = (art.path / "curves.csv").read_text()
+    assert "HR@10" in curves.splitlines()[0]  # validated (and early-stopped) every epoch
