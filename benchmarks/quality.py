@@ -108,13 +108,13 @@ class Row:
 
     def cells(self) -> list[object]:
         """``[label, *means of COLUMNS, epochs, train s, ex/s]`` ("-" where nothing trained)."""
-        trained = any(r.examples for r in self.runs)
-        if not trained:
-            return [self.label, *(self.mean(c) for c in COLUMNS), "-", "-", "-"]
+        means = [f"{self.mean(c):.3f}" for c in COLUMNS]
+        if not any(r.examples for r in self.runs):
+            return [self.label, *means, "-", "-", "-"]
         rate = sum(r.examples for r in self.runs) / sum(r.train_seconds for r in self.runs)
         return [
             self.label,
-            *(self.mean(c) for c in COLUMNS),
+            *means,
             float(np.mean([r.epochs for r in self.runs])),
             float(np.mean([r.seconds for r in self.runs])),
             rate,

@@ -97,7 +97,7 @@ def test_rows_average_seeds_and_rate_is_examples_over_training_seconds():
     row = quality.Row("m", "id", [_run(0.2, 0.1, 10, 8, 800, 2), _run(0.4, 0.3, 20, 12, 1200, 3)])
     cells = row.cells()
     assert cells[0] == "m"
-    assert cells[1] == pytest.approx(0.3) and cells[4] == pytest.approx(0.2)
+    assert cells[1] == "0.300" and cells[4] == "0.200"  # HR@10, NDCG@10
     assert cells[-3:] == [pytest.approx(2.5), pytest.approx(15.0), pytest.approx(100.0)]
     assert quality.Row("pop", "id", [_run(0.1, 0.05)]).cells()[-3:] == ["-", "-", "-"]
 
