@@ -147,7 +147,7 @@ def test_benchmark_end_to_end_on_tiny_synthetic_data(tmp_path):
             }
         )
     )
-    models = ["popularity", "mean", "features"]
+    models = ["popularity", "mean", "sequence", "features"]
     models += ["sasrec"] if peer.recbole_available() else []
     args = argparse.Namespace(
         models=models, seeds=[0], peer_epochs=2, peer_eval_every=1, peer_patience=1,
@@ -156,5 +156,7 @@ def test_benchmark_end_to_end_on_tiny_synthetic_data(tmp_path):
     text = quality.run_dataset("tiny", str(config), Path(tmp_path), args)
     assert "ID-only (no side features):" in text and "with side features:" in text
     assert "| ours, mean tower, sampled softmax " in text
+    assert "| ours, sequence tower, sampled softmax " in text  # model.tower=sequence
+    assert f"* sequence: {config} {' '.join(quality.ID_ONLY + quality.SEQUENCE)}" in text
     assert ("| SASRec (RecBole" in text) == peer.recbole_available()
     assert "| popularity " in text and "features-full" not in text
