@@ -1,0 +1,1 @@
+"""Third-party model code, vendored verbatim with its licence (see each file's header)."""
