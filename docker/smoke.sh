@@ -10,7 +10,8 @@
 #      import` (no registry); the root file system is cached as a tarball in SMOKE_CACHE;
 #   3. the CPU image: torch from the local wheel (TORCH_WHEEL_DIR, default: pip's find-links)
 #      through TORCH_FIND_LINKS=/wheels when one is there, else from the PyTorch CPU index; the
-#      extra CA bundle (SMOKE_CA_BUNDLE, default: pip's `cert`) as a build secret;
+#      extra CA bundle (SMOKE_CA_BUNDLE, default: PIP_CERT, SSL_CERT_FILE or the host's trust
+#      store /etc/ssl/certs/ca-certificates.crt) as a build secret;
 #   4. the stack: docker-compose.yml + docker-compose.cpu.yml + docker-compose.host.yml (host
 #      network, every server on 127.0.0.1 on free ports), a generated RAY_AUTH_TOKEN, tiny
 #      synthetic training on 2 shards;
@@ -162,7 +163,7 @@ fi
 TORCH_VERSION=${TORCH_VERSION:-2.13.0}
 args=(--network host -f docker/Dockerfile -t "$IMAGE" --build-arg "PYTHON_IMAGE=$BASE" --build-arg TORCH_VARIANT=cpu
     --build-arg "TORCH_VERSION=$TORCH_VERSION")
-wheel_dir=${TORCH_WHEEL_DIR:-$("$PY" -m pip config get global.find-links 2>/dev/null || true)}
+wheel_dir=${TORCH_WHEEL_DIR:-${PIP_FIND_LINKS:-$("$PY" -m pip config get global.find-links 2>/dev/null || true)}}
 wheel=
 for dir in $wheel_dir; do
     wheel=$(ls "$dir"/torch-"$TORCH_VERSION"*-cp311-*linux*x86_64.whl 2>/dev/null | head -n1 || true)
@@ -176,7 +177,7 @@ if [ -n "$wheel" ]; then
 else
     say "torch: no local torch==$TORCH_VERSION wheel in '${wheel_dir}': from the PyTorch CPU index"
 fi
-ca=${SMOKE_CA_BUNDLE:-$("$PY" -m pip config get global.cert 2>/dev/null || true)}
+ca=${SMOKE_CA_BUNDLE:-${PIP_CERT:-${SSL_CERT_FILE:-/etc/ssl/certs/ca-certificates.crt}}}
 if [ -n "$ca" ] && [ -s "$ca" ]; then
     args+=(--secret "id=ca_bundle,src=$ca")
     say "extra CA bundle: $ca"

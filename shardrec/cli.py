@@ -24,7 +24,7 @@ COMMANDS = {
 }
 # The top-level modules each extra brings (pyproject.toml's optional dependencies).
 EXTRA_MODULES = {
-    "train": {"ray", "pyarrow", "matplotlib", "tqdm"},
+    "train": {"ray", "pyarrow", "matplotlib"},
     "serve": {"fastapi", "starlette", "uvicorn", "faiss", "prometheus_client", "orjson", "redis"},
 }
 EXIT_USAGE = 2

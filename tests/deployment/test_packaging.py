@@ -18,7 +18,7 @@ from tests.deployment.compose import REPO
 
 tomllib = pytest.importorskip("tomllib", reason="Python 3.11+ reads pyproject.toml")
 PROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-TRAINING_ONLY = {"ray", "pyarrow", "matplotlib", "tqdm"}
+TRAINING_ONLY = {"ray", "pyarrow", "matplotlib"}
 
 
 def names(requirements: list[str]) -> set[str]:
@@ -114,7 +114,7 @@ sys.exit(main({argv!r}))
 @pytest.mark.parametrize(
     ("blocked", "argv", "extra_name"),
     [
-        ({"tqdm", "pyarrow", "ray", "matplotlib"}, ["train", "epochs=1"], "train"),
+        ({"pyarrow", "ray", "matplotlib"}, ["train", "epochs=1"], "train"),
         ({"fastapi", "uvicorn", "faiss"}, ["serve", "--artifacts", "nowhere"], "serve"),
     ],
     ids=["train-without-train-extra", "serve-without-serve-extra"],
