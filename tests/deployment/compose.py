@@ -3,7 +3,8 @@ package ships (installed by ``make install``, Linux x86_64), run on docker/docke
 
 * `binary`: that binary's path, or skips the test saying why there is none;
 * `compose`: a ``docker compose -f ... <args>`` run, its exit status and output;
-* `config`: the merged, interpolated configuration (``config --format json``).
+* `config`: the merged, interpolated configuration (``config --format json``);
+* `run_py`: docker/run.py (the stack's command lines) loaded as a module.
 
 The package's ``docker-compose`` console script drops the binary's exit status (a broken file
 exits 0), so the binary is called directly, found among the package's installed files.
@@ -12,6 +13,7 @@ exits 0), so the binary is called directly, found among the package's installed 
 from __future__ import annotations
 
 import importlib.metadata
+import importlib.util
 import json
 import os
 import platform
@@ -100,3 +102,11 @@ def config(
     done = compose([*files, HOST] if host else files, "config", "--format", "json", env=env)
     assert done.returncode == 0, f"compose config exited {done.returncode}:\n{done.stderr}"
     return json.loads(done.stdout)
+
+
+def run_py():
+    """docker/run.py as a module (it is a script of the image, not a package module)."""
+    spec = importlib.util.spec_from_file_location("docker_run", DOCKER / "run.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -10,7 +10,6 @@ own matcher is reachable only through one.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import shlex
@@ -27,14 +26,7 @@ REPO = compose.REPO
 SERVICES = {"ray-head", "ray-worker", "trainer", "api"}
 
 
-def _run_module():
-    spec = importlib.util.spec_from_file_location("docker_run", REPO / "docker" / "run.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-run = _run_module()
+run = compose.run_py()
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ is in test_compose.py; the whole stack with a token in test_topology.py.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -23,14 +22,7 @@ REPO = compose.REPO
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="needs /proc")
 
 
-def _run_module():
-    spec = importlib.util.spec_from_file_location("docker_run", REPO / "docker" / "run.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-run = _run_module()
+run = compose.run_py()
 
 EMBEDDED = """
 import json, sys
