@@ -39,7 +39,7 @@ install: $(VENV)/.installed
 
 lint: install
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/ruff format --check sampler trainer service demo benchmarks tests docker
+	$(VENV)/bin/ruff format --check shardrec sampler trainer service demo benchmarks tests docker
 
 # redis-server for the shared-store tests (tests/service), wrk for benchmarks.serve: installed
 # with apt-get when missing and we are root; otherwise those tests skip, saying why.
