@@ -469,7 +469,9 @@ def test_dockerfile_build_options():
     assert ("ARG", "TORCH_FIND_LINKS=") in steps
     runs = [rest for word, rest in steps if word == "RUN"]
     torch = next(r for r in runs if "torch==" in r)
-    assert '--no-index --find-links "${TORCH_FIND_LINKS}"' in torch
+    assert (
+        '"torch==${TORCH_VERSION}" --no-deps --no-index --find-links "${TORCH_FIND_LINKS}"' in torch
+    )
     assert "--mount=type=bind,source=docker/wheels,target=/wheels" in torch
     assert (REPO / "docker" / "wheels").is_dir()
     for r in (r for r in runs if "pip install" in r):  # every pip step can use the CA bundle
