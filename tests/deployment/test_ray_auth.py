@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.deployment import compose
-from tests.procs import RayHead
+from tests.procs import RayHead, short_temp_dir
 
 REPO = compose.REPO
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="needs /proc")
@@ -41,15 +42,19 @@ def test_the_embedded_ray_has_token_auth_on_by_default(tmp_path):
     generated into ~/.ray/auth_token (here a temporary HOME)."""
     pytest.importorskip("ray")
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_") and k != "PYTHONPATH"}
-    env.update(HOME=str(tmp_path), PYTHONPATH=str(REPO), RAY_TMPDIR=str(tmp_path))
-    done = subprocess.run(
-        [sys.executable, "-c", EMBEDDED],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
+    ray_tmp = short_temp_dir("srauth-")  # Ray's socket paths: 107 bytes at most
+    env.update(HOME=str(tmp_path), PYTHONPATH=str(REPO), RAY_TMPDIR=ray_tmp)
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", EMBEDDED],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads(done.stdout.splitlines()[-1]) == {"token_mode": True}
     token = tmp_path / ".ray" / "auth_token"
