@@ -46,7 +46,11 @@ def devices(service: dict) -> list:
 
 
 # --- Compose's merged configuration ----------------------------------------------------------------
-@pytest.mark.parametrize("files", [[compose.BASE], [compose.BASE, compose.CPU]], ids=["gpu", "cpu"])
+@pytest.mark.parametrize(
+    "files",
+    [[compose.BASE], [compose.BASE, compose.CPU], [compose.BASE, compose.CPU, compose.HOST]],
+    ids=["gpu", "cpu", "cpu-host"],
+)
 def test_compose_accepts_the_files(files):
     done = compose.compose(files, "config", "--quiet")
     assert done.returncode == 0 and "WARN" not in done.stderr, done.stderr
