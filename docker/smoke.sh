@@ -79,15 +79,11 @@ cleanup() {
         local cpid
         cpid=$(cat "$WORK/exec/containerd/containerd.pid" 2>/dev/null || true)
         if [ -n "$cpid" ] && kill -0 "$cpid" 2>/dev/null; then kill -TERM "$cpid"; fi
-        grep -q " $WORK/" /proc/mounts && awk -v w="$WORK/" 'index($2, w) == 1 {print $2}' \
-            /proc/mounts | sort -r | xargs -r -n1 umount -l
-        [ -z "${SMOKE_LOGS:-}" ] && cp -r "$LOGS" "/tmp/shardrec-smoke-logs-$$" 2>/dev/null
-        rm -rf "$WORK"
     fi
-    if [ -z "$DOCKERD_PID" ] && [ -z "${SMOKE_LOGS:-}" ]; then
-        cp -r "$LOGS" "/tmp/shardrec-smoke-logs-$$" 2>/dev/null
-        rm -rf "$WORK"
-    fi
+    # anything still mounted in our folder (the engine's overlays, a debootstrap's /proc)
+    awk -v w="$WORK/" 'index($2, w) == 1 {print $2}' /proc/mounts | sort -r | xargs -r -n1 umount -l
+    if [ -z "${SMOKE_LOGS:-}" ]; then cp -r "$LOGS" "/tmp/shardrec-smoke-logs-$$" 2>/dev/null; fi
+    rm -rf "$WORK"
     say "done (exit $code); logs in ${SMOKE_LOGS:-/tmp/shardrec-smoke-logs-$$}"
     exit "$code"
 }
