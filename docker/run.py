@@ -36,9 +36,13 @@ Settings (environment variables, default in brackets):
     SHARDREC_ARTIFACTS         serve: artifact directory [$SHARDREC_RUN_DIR/artifacts]
     SHARDREC_HOST              serve: interface [127.0.0.1]
     SHARDREC_PORT              serve: port [8000]
+    RAY_AUTH_TOKEN             the Ray cluster's token (RAY_AUTH_MODE=token), or a file named by
+                               RAY_AUTH_TOKEN_PATH: sent by the train role's job API calls and
+                               the Ray healthchecks (``Authorization: Bearer``) []
 
 ``python docker/run.py --print ROLE`` prints the command line instead of running it. Standard
-library only: healthchecks run it every few seconds.
+library only (the serve role takes its command line from ``service.launch``): healthchecks run
+it every few seconds.
 """
 
 from __future__ import annotations
@@ -160,19 +164,29 @@ def command(role: str, env: Mapping[str, str], submission_id: str | None = None)
             submit += ["--submission-id", submission_id]
         return [*submit, "--", *train]
     if role == "serve":
-        return [
-            sys.executable,
-            "-m",
-            "service",
-            "serve",
-            "--artifacts",
-            str(artifacts_dir(env)),
-            "--host",
-            setting(env, "SHARDREC_HOST"),
-            "--port",
-            setting(env, "SHARDREC_PORT"),
-        ]
+        return _serve_argv()(
+            artifacts_dir(env), setting(env, "SHARDREC_PORT"), host=setting(env, "SHARDREC_HOST")
+        )
     raise ValueError(f"unknown role {role!r}; one of {SERVICE_ROLES + CHECK_ROLES}")
+
+
+def _serve_argv():
+    """`service.launch.serve_argv`, the one definition of the server's command line, from the
+    checkout this file is in (the image's /app, or a source tree)."""
+    root = str(Path(__file__).resolve().parents[1])
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    from service.launch import serve_argv
+
+    return serve_argv
+
+
+def ray_auth_headers(env: Mapping[str, str]) -> dict[str, str]:
+    """The ``Authorization`` header of Ray's token authentication, when a token is set."""
+    token = env.get("RAY_AUTH_TOKEN", "").strip()
+    if not token and env.get("RAY_AUTH_TOKEN_PATH"):
+        token = Path(env["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
+    return {"Authorization": f"Bearer {token}"} if token else {}
 
 
 # --- healthchecks ----------------------------------------------------------------------------
@@ -181,9 +195,13 @@ def _local(host: str) -> str:
     return "127.0.0.1" if host in WILDCARDS else host
 
 
-def _get(url: str, timeout: float = CHECK_TIMEOUT_S) -> tuple[int, bytes]:
+def _get(
+    url: str, timeout: float = CHECK_TIMEOUT_S, headers: Mapping[str, str] | None = None
+) -> tuple[int, bytes]:
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
+        with urllib.request.urlopen(
+            urllib.request.Request(url, headers=dict(headers or {})), timeout=timeout
+        ) as r:
             return r.status, r.read()
     except urllib.error.HTTPError as e:
         return e.code, e.read()
@@ -195,11 +213,14 @@ def check(role: str, env: Mapping[str, str]) -> tuple[bool, str]:
         if role == "check-head":
             host = _local(setting(env, "SHARDREC_DASHBOARD_HOST"))
             status, body = _get(
-                f"http://{host}:{setting(env, 'SHARDREC_DASHBOARD_PORT')}/api/version"
+                f"http://{host}:{setting(env, 'SHARDREC_DASHBOARD_PORT')}/api/version",
+                headers=ray_auth_headers(env),
             )
             return status == 200, f"job API: {status} {body[:200]!r}"
         if role == "check-worker":
-            status, body = _get(f"{dashboard_url(env)}/nodes?view=hostNameList")
+            status, body = _get(
+                f"{dashboard_url(env)}/nodes?view=hostNameList", headers=ray_auth_headers(env)
+            )
             if status != 200:
                 return False, f"head answered {status}"
             data = json.loads(body)["data"]
@@ -217,13 +238,25 @@ def check(role: str, env: Mapping[str, str]) -> tuple[bool, str]:
 
 # --- train -----------------------------------------------------------------------------------
 def wait_for_head(env: Mapping[str, str]) -> bool:
-    """Poll the head's job API until it answers or ``SHARDREC_WAIT_S`` seconds passed."""
+    """Poll the head's job API until it answers or ``SHARDREC_WAIT_S`` seconds passed; False at
+    once when it refuses our token (401/403: none set, or a different one)."""
     url = f"{dashboard_url(env)}/api/version"
     deadline = time.monotonic() + float(setting(env, "SHARDREC_WAIT_S"))
+    headers = ray_auth_headers(env)
     while True:
         try:
-            if _get(url)[0] == 200:
+            status, body = _get(url, headers=headers)
+            if status == 200:
                 return True
+            if status in (401, 403):
+                logger.error(
+                    "the Ray job API refused the %s (%d %s): set RAY_AUTH_TOKEN to the "
+                    "cluster's token",
+                    "token" if headers else "request without a token",
+                    status,
+                    body[:200].decode("utf-8", "replace"),
+                )
+                return False
         except OSError:
             pass
         if time.monotonic() > deadline:

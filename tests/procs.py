@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shlex
 import shutil
 import signal
@@ -261,12 +262,17 @@ def short_temp_dir(prefix: str) -> str:
     return tempfile.mkdtemp(prefix=prefix, dir="/tmp")
 
 
+RAY_TEST_TOKEN = secrets.token_hex(16)  # this test session's Ray token
+
+
 def ray_env(env: dict[str, str]) -> dict[str, str]:
-    """``env`` for a Ray node or client kept on 127.0.0.1."""
+    """``env`` for a Ray node or client kept on 127.0.0.1, with token authentication on (as in
+    production): ``env``'s RAY_AUTH_TOKEN, else `RAY_TEST_TOKEN`."""
     return {
         **{k: v for k, v in env.items() if not k.startswith("RAY_ADDRESS")},
         "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # single node: every Ray process on 127.0.0.1
-        "RAY_AUTH_MODE": "disabled",  # a throwaway loopback-only head: no tokens involved
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": env.get("RAY_AUTH_TOKEN") or RAY_TEST_TOKEN,
     }
 
 

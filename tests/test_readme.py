@@ -67,6 +67,7 @@ KINDS: dict[str, str] = {
     "service-serve": r"python -m service serve --artifacts \S+( .*)?",
     "curl": r"curl .*\blocalhost:\d+.*",
     "compose-up": r"docker compose( -f \S+)+ up --build -d",
+    "pip-install": r"pip install \S+( --index-url \S+)?",  # checked against the project files
 }
 TABLE = re.compile(r"^\| (model|popularity) \|.*\|$", re.M)
 
@@ -623,6 +624,24 @@ def test_curl(command, served):
 
 
 # --- docker compose --------------------------------------------------------------------------
+@pytest.mark.parametrize("command", params("pip-install"))
+def test_pip_install_lines_name_the_projects_pins_and_extras(command):
+    """Not run (that is the install itself): the torch line is the Makefile's pin from its CPU
+    index, the others are the checkout with extras that pyproject.toml defines."""
+    tomllib = pytest.importorskip("tomllib", reason="Python 3.11+")
+    args = list(command.argv[2:])
+    if args[0].startswith("torch=="):
+        make = (REPO / "Makefile").read_text()
+        version = re.search(r"^TORCH_VERSION \?= (\S+)$", make, re.M)[1]
+        index = re.search(r"^TORCH_INDEX \?= (\S+)$", make, re.M)[1]
+        assert args == [f"torch=={version}", "--index-url", index], command.line
+        return
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    m = re.fullmatch(r"\.\[([\w,-]+)\]", args[0])
+    assert m and len(args) == 1, f"{command.id}: expected `pip install '.[extra,...]'`"
+    assert set(m[1].split(",")) <= set(extras["optional-dependencies"]), command.line
+
+
 @pytest.mark.parametrize("command", params("compose-up"))
 def test_compose_files_and_flags_are_valid(command):
     argv = list(command.argv)

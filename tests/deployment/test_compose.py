@@ -10,7 +10,6 @@ own matcher is reachable only through one.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import shlex
@@ -27,14 +26,7 @@ REPO = compose.REPO
 SERVICES = {"ray-head", "ray-worker", "trainer", "api"}
 
 
-def _run_module():
-    spec = importlib.util.spec_from_file_location("docker_run", REPO / "docker" / "run.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-run = _run_module()
+run = compose.run_py()
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +46,11 @@ def devices(service: dict) -> list:
 
 
 # --- Compose's merged configuration ----------------------------------------------------------------
-@pytest.mark.parametrize("files", [[compose.BASE], [compose.BASE, compose.CPU]], ids=["gpu", "cpu"])
+@pytest.mark.parametrize(
+    "files",
+    [[compose.BASE], [compose.BASE, compose.CPU], [compose.BASE, compose.CPU, compose.HOST]],
+    ids=["gpu", "cpu", "cpu-host"],
+)
 def test_compose_accepts_the_files(files):
     done = compose.compose(files, "config", "--quiet")
     assert done.returncode == 0 and "WARN" not in done.stderr, done.stderr
@@ -242,6 +238,74 @@ def test_compose_env_gives_the_documented_command_lines(gpu):
     )
 
 
+def test_ray_token_auth_is_on_and_the_token_required(gpu, cpu):
+    for cfg in (gpu, cpu):
+        for name in ("ray-head", "ray-worker", "trainer"):
+            env = cfg["services"][name]["environment"]
+            assert env["RAY_AUTH_MODE"] == "token", name
+            assert env["RAY_AUTH_TOKEN"] == compose.TOKEN, name
+        assert "RAY_AUTH_TOKEN" not in cfg["services"]["api"]["environment"]  # no Ray there
+    for token in ("", None):
+        env = {k: v for k, v in compose.clean_env().items() if k != "RAY_AUTH_TOKEN"}
+        if token is not None:
+            env["RAY_AUTH_TOKEN"] = token
+        done = subprocess.run(
+            [str(compose.binary()), "-f", str(compose.BASE), "config", "--quiet"],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode != 0, "Compose accepted the stack without a Ray token"
+        assert "set RAY_AUTH_TOKEN" in done.stderr, done.stderr
+
+
+@pytest.fixture(scope="module")
+def host():
+    compose.binary()
+    return compose.config(cpu=True, host=True)
+
+
+def test_host_network_override(host):
+    """Every container on the host's network, every server on 127.0.0.1, no network created
+    (no bridge may be), one Ray node: the worker is behind a profile and nothing waits for it."""
+    services = host["services"]
+    assert set(services) == SERVICES - {"ray-worker"}  # profile multi-node: not started
+    assert "networks" not in host or not host["networks"], host.get("networks")
+    for name, service in services.items():
+        assert service["network_mode"] == "host", name
+        assert not service.get("ports") and not service.get("expose"), name
+        assert "networks" not in service, name
+    assert set(services["trainer"]["depends_on"]) == {"ray-head"}
+    env = {n: s["environment"] for n, s in services.items()}
+    for name in ("ray-head", "trainer"):
+        assert env[name]["SHARDREC_RAY_HEAD"] == "127.0.0.1", name
+        assert env[name]["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0", name
+    assert env["ray-head"]["SHARDREC_DASHBOARD_HOST"] == "127.0.0.1"
+    assert env["api"]["SHARDREC_HOST"] == "127.0.0.1"
+    head = run.command("ray-head", env["ray-head"])
+    assert "--node-ip-address=127.0.0.1" in head and "--dashboard-host=127.0.0.1" in head
+    assert run.command("serve", env["api"])[-4:] == ["--host", "127.0.0.1", "--port", "8000"]
+
+
+def test_host_network_ports_are_settings():
+    moved = compose.config(
+        cpu=True,
+        host=True,
+        env={
+            "SHARDREC_RAY_PORT": "16379",
+            "SHARDREC_DASHBOARD_PORT": "18265",
+            "SHARDREC_API_PORT": "18000",
+            "SHARDREC_HEAD_RAY_ARGS": "--ray-client-server-port=10101",
+        },
+    )["services"]
+    head = run.command("ray-head", moved["ray-head"]["environment"])
+    assert {"--port=16379", "--dashboard-port=18265", "--ray-client-server-port=10101"} <= set(head)
+    assert run.dashboard_url(moved["trainer"]["environment"]) == "http://127.0.0.1:18265"
+    assert moved["api"]["environment"]["SHARDREC_PORT"] == "18000"
+
+
 # --- docker/run.py ----------------------------------------------------------------------------------
 def test_run_py_settings():
     env = {
@@ -399,6 +463,29 @@ def test_dockerfile_multi_stage_with_torch_variant():
     assert any("nvidia-" in r for r in runs[project:])  # the CPU image refuses CUDA packages
 
 
+def test_dockerfile_build_options():
+    """Offline and proxied builds: local torch wheels, an extra CA bundle, the base image; no
+    frontend fetched from a registry; the torch pin read as `name==version` even for a wheel
+    installed from a file."""
+    assert not DOCKERFILE.startswith("# syntax=")
+    steps = _instructions()
+    assert ("ARG", "PYTHON_IMAGE=python:3.11-slim-bookworm") in steps
+    assert ("ARG", "TORCH_FIND_LINKS=") in steps
+    runs = [rest for word, rest in steps if word == "RUN"]
+    torch = next(r for r in runs if "torch==" in r)
+    assert (
+        '"torch==${TORCH_VERSION}" --no-deps --no-index --find-links "${TORCH_FIND_LINKS}"' in torch
+    )
+    assert "--mount=type=bind,source=docker/wheels,target=/wheels" in torch
+    assert (REPO / "docker" / "wheels").is_dir()
+    for r in (r for r in runs if "pip install" in r):  # every pip step can use the CA bundle
+        assert "--mount=type=secret,id=ca_bundle" in r and "PIP_CERT=/run/secrets/ca_bundle" in r
+    assert "pip freeze" not in DOCKERFILE.replace(
+        "# `pip list --format=freeze`, not `pip freeze`", ""
+    )
+    assert sum("pip list --format=freeze" in r for r in runs) >= 2
+
+
 def test_dockerfile_runs_as_a_plain_user():
     steps = _instructions()
     last_from = max(i for i, (word, _) in enumerate(steps) if word == "FROM")
@@ -453,6 +540,8 @@ def test_dockerignore_keeps_environments_runs_and_data_out(matcher):
         "trainer/data/synthetic.py",
         "service/routers/health.py",
         "docker/run.py",
+        "docker/wheels/torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl",
+        "shardrec/cli.py",
     ):
         assert not matcher.matches(path), f"{path} would be left out of the build context"
 

@@ -1,6 +1,7 @@
 """The service stays clear of the training side: ``import service``, every service module (the
-app, the CLI, the loader included) and loading a model import neither pyarrow nor Ray nor the
-data layer (``trainer.data``). Checked in a fresh interpreter, where nothing was imported yet."""
+app, the CLI, the loader included) and loading a model import none of pyarrow, Ray and matplotlib
+(the ``train`` extra, absent from a ``shardrec[serve]`` install) nor the data layer
+(``trainer.data``). Checked in a fresh interpreter, where nothing was imported yet."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ model = load_model(sys.argv[1], IndexSettings(kind="exact", save=False))
 create_app(ServiceSettings.from_mapping({"artifacts": sys.argv[1]})).openapi()
 heavy = sorted(
     m for m in sys.modules
-    if m.split(".")[0] in ("pyarrow", "ray") or m == "trainer.data" or m.startswith("trainer.data.")
+    if m.split(".")[0] in ("pyarrow", "ray", "matplotlib") or m == "trainer.data" or m.startswith("trainer.data.")
 )
 print(json.dumps({"modules": modules, "heavy": heavy, "items": model.num_items}))
 """

@@ -23,6 +23,9 @@ def loopback_only():
     Ray advertises the machine's network address even for a local instance; the setting it
     uses on Windows/macOS (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, read by the Ray processes
     it starts and, already imported, by this one) makes it use the loopback address instead.
+    Both are restored when Ray is shut down. Token authentication stays on: ``RAY_AUTH_MODE``
+    is left as it is, and unset it is Ray's default for a cluster that ``ray.init`` starts
+    (token in ``~/.ray/auth_token``, generated when missing; tests/deployment/test_ray_auth.py).
     """
     from ray._private import ray_constants
 

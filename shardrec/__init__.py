@@ -1,0 +1,1 @@
+"""The ``shardrec`` command: one entry point for training (``trainer``) and serving (``service``)."""
