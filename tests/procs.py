@@ -381,8 +381,15 @@ def environ(values: dict[str, str]):
 
 
 def moto_server_binary() -> str | None:
-    """moto's ``moto_server``: ``$SHARDREC_MOTO_SERVER``, beside this Python, or on PATH."""
-    for candidate in (os.environ.get(MOTO_ENV), BIN / "moto_server", shutil.which("moto_server")):
+    """moto's ``moto_server``: ``$SHARDREC_MOTO_SERVER``, beside this Python, in the checkout's
+    ``.venv-moto`` (``make install``), or on PATH."""
+    candidates = (
+        os.environ.get(MOTO_ENV),
+        BIN / "moto_server",
+        REPO / ".venv-moto" / "bin" / "moto_server",
+        shutil.which("moto_server"),
+    )
+    for candidate in candidates:
         if candidate and Path(candidate).is_file():
             return str(candidate)
     return None
