@@ -42,7 +42,8 @@ from sampler.candidate_sampling import (
     accidental_hit_positions,
     log_uniform_candidate_sampler,
 )
-from sampler.embedding import Params, as_shards, embedding_lookup
+from sampler.embedding import Params, as_shards, embedding_lookup, wants_sparse_grad
+from sampler.optim import note_default_sparse
 
 
 class _SplitLogits(NamedTuple):
@@ -92,7 +93,7 @@ def _sampled_logits(
     remove_accidental_hits: bool,
     partition_strategy: str,
     seed: Seed,
-    sparse_grad: bool,
+    sparse_grad: bool | None,
     mask_in_logits: bool = True,
 ) -> _SplitLogits:
     """Validated core of :func:`compute_sampled_logits`; returns true and sampled logits apart.
@@ -145,9 +146,13 @@ def _sampled_logits(
     )
     sampled, true_ec, sampled_ec = sampled.detach(), true_ec.detach(), sampled_ec.detach()
 
-    all_ids = torch.cat([labels.reshape(-1), sampled])
-    all_w = embedding_lookup(w_shards, all_ids, partition_strategy, sparse_grad=sparse_grad)
-    all_b = embedding_lookup(b_shards, all_ids, partition_strategy, sparse_grad=sparse_grad)
+    all_w, all_b = _lookup(
+        w_shards,
+        b_shards,
+        torch.cat([labels.reshape(-1), sampled]),
+        partition_strategy,
+        sparse_grad,
+    )
     all_w, all_b = all_w.to(inputs.dtype), all_b.to(inputs.dtype)
     n_true = batch * num_true
     true_w = all_w[:n_true].view(batch, num_true, dim)
@@ -166,6 +171,28 @@ def _sampled_logits(
         # In place: addmm's backward does not need its output.
         _fill_hits(sampled_logits, hits, torch.finfo(sampled_logits.dtype).min)
     return _SplitLogits(true_logits, sampled_logits)
+
+
+def _lookup(w_shards, b_shards, ids: torch.Tensor, partition_strategy: str, sparse_grad):
+    """Rows ``ids`` [N] of the weights and biases: ``([N, D], [N])``.
+
+    Sparse gradients (see :func:`sampler.embedding.wants_sparse_grad`) are taken w.r.t. the
+    unique ids only, so they come coalesced: an optimizer neither sorts nor sums duplicates.
+    """
+    sparse_w = wants_sparse_grad(sparse_grad, w_shards)
+    sparse_b = wants_sparse_grad(sparse_grad, b_shards)
+    if not (sparse_w or sparse_b):
+        return (
+            embedding_lookup(w_shards, ids, partition_strategy),
+            embedding_lookup(b_shards, ids, partition_strategy),
+        )
+    if sparse_grad is None:  # the default: name the loss if a dense-only optimizer meets it
+        for t in [*(w_shards if sparse_w else ()), *(b_shards if sparse_b else ())]:
+            note_default_sparse(t)
+    uniq, inverse = torch.unique(ids, return_inverse=True)
+    w = embedding_lookup(w_shards, uniq, partition_strategy, sparse_grad=sparse_w, unique=True)
+    b = embedding_lookup(b_shards, uniq, partition_strategy, sparse_grad=sparse_b, unique=True)
+    return w.index_select(0, inverse), b.index_select(0, inverse)
 
 
 def _hits(labels: torch.Tensor, sampled: torch.Tensor):
@@ -197,7 +224,7 @@ def compute_sampled_logits(
     remove_accidental_hits: bool = False,
     partition_strategy: str = "mod",
     seed: Seed = None,
-    sparse_grad: bool = False,
+    sparse_grad: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """TensorFlow's ``_compute_sampled_logits``: logits and soft labels of the sampled problem.
 
@@ -215,7 +242,9 @@ def compute_sampled_logits(
         remove_accidental_hits: mask sampled candidates that equal one of the row's labels.
         partition_strategy: "mod" or "div" for sharded weights and biases.
         seed: int, ``torch.Generator`` or None; used only when sampling.
-        sparse_grad: sparse COO gradients for weights and biases (see the module docstring).
+        sparse_grad: sparse COO gradients for weights and biases (see the module docstring);
+            None (the default) makes them sparse for ``nn.Parameter`` tables, dense for other
+            tensors.
 
     Returns:
         ``(logits [B, T + S], labels [B, T + S])`` in the dtype of ``inputs``; the true
@@ -255,7 +284,7 @@ def sampled_softmax_loss(
     remove_accidental_hits: bool = True,
     partition_strategy: str = "mod",
     seed: Seed = None,
-    sparse_grad: bool = False,
+    sparse_grad: bool | None = None,
 ) -> torch.Tensor:
     """``tf.nn.sampled_softmax_loss``: softmax cross-entropy over the true and sampled classes.
 
@@ -296,7 +325,7 @@ def nce_loss(
     remove_accidental_hits: bool = False,
     partition_strategy: str = "mod",
     seed: Seed = None,
-    sparse_grad: bool = False,
+    sparse_grad: bool | None = None,
 ) -> torch.Tensor:
     """``tf.nn.nce_loss``: sigmoid cross-entropy, targets ``1/T`` for true classes, 0 for sampled.
 
