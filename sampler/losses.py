@@ -9,15 +9,19 @@ Differences from TensorFlow, all deliberate:
   logQ subtraction), instead of adding ``-FLT_MAX``. In float32 both give the same loss and
   gradients; in float16/bfloat16 ours stays finite.
 * Losses of float16/bfloat16 inputs are computed and returned in float32.
-* ``sparse_grad=True`` gives sparse COO gradients for ``weights`` and ``biases`` (TensorFlow's
-  ``IndexedSlices``): a step then costs ``O((B*T + S) * D)`` memory instead of a dense
-  ``[C, D]`` gradient. Use it with an optimizer that accepts sparse gradients::
+* Gradients of ``nn.Parameter`` weights and biases are sparse COO tensors by default
+  (``sparse_grad=None``; TensorFlow's ``IndexedSlices`` for a ``tf.Variable``): a step costs
+  ``O((B*T + S) * D)`` memory instead of a dense ``[C, D]`` gradient. The documented step::
 
       emb = torch.nn.Parameter(torch.randn(C, D) * 0.01)
       bias = torch.nn.Parameter(torch.zeros(C))
-      opt = torch.optim.SparseAdam([emb, bias], lr=1e-3)  # or SGD / Adagrad
-      loss = sampled_softmax_loss(emb, bias, labels, user_vecs, 4096, C, sparse_grad=True)
+      opt = sampler.SparseAdam([emb, bias], lr=1e-3)  # or torch's SparseAdam / SGD / Adagrad
+      loss = sampled_softmax_loss(emb, bias, labels, user_vecs, 4096, C)
       loss.mean().backward(); opt.step(); opt.zero_grad()
+
+  A dense-only optimizer meeting such a gradient raises a TypeError naming the fixes
+  (:mod:`sampler.optim`); ``sparse_grad=False`` forces dense gradients, ``True`` sparse ones
+  for any table that requires grad. Plain tensors (rows pulled or computed in the step) stay dense.
 """
 
 from __future__ import annotations
