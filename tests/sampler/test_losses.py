@@ -32,6 +32,11 @@ def _leaves(w):
     return w if isinstance(w, list) else [w]
 
 
+def _module_args(case):
+    """``(weights [C, D], biases [C], labels [B, T], inputs [B, D])`` for a loss module."""
+    return tuple(torch.from_numpy(a) for a in (case.weights, case.biases, case.labels, case.inputs))
+
+
 def _sv(case, device="cpu"):
     return sampler.SampledValues(*(torch.from_numpy(v).to(device) for v in case.sampled_values))
 
@@ -480,12 +485,7 @@ def test_module_rejects_float_labels(dtype):
 @pytest.mark.parametrize("num_true", [1, 2])
 def test_module_reductions_with_fixed_sampled_values(num_true):
     case = make_case(91, num_true)
-    args = (
-        torch.from_numpy(case.weights),
-        torch.from_numpy(case.biases),
-        torch.from_numpy(case.labels),
-        torch.from_numpy(case.inputs),
-    )
+    args = _module_args(case)
     want = run_ref("softmax", case)["loss"]
     out = {}
     for reduction in ("none", "mean", "sum"):
@@ -505,12 +505,7 @@ def test_module_reductions_with_fixed_sampled_values(num_true):
 
 def test_module_remove_accidental_hits_flag():
     case = make_case(92, 1)
-    args = (
-        torch.from_numpy(case.weights),
-        torch.from_numpy(case.biases),
-        torch.from_numpy(case.labels),
-        torch.from_numpy(case.inputs),
-    )
+    args = _module_args(case)
     m = sampler.SampledSoftmaxLoss(20, 50, sampled_values=_sv(case), remove_accidental_hits=False)
     np.testing.assert_allclose(
         m(*args).numpy(), run_ref("softmax", case, remove=False)["loss"], rtol=1e-5
@@ -519,12 +514,7 @@ def test_module_remove_accidental_hits_flag():
 
 def test_module_seed_reproducible():
     case = make_case(93, 2)
-    args = (
-        torch.from_numpy(case.weights),
-        torch.from_numpy(case.biases),
-        torch.from_numpy(case.labels),
-        torch.from_numpy(case.inputs),
-    )
+    args = _module_args(case)
     a = sampler.SampledSoftmaxLoss(10, 50, 2, seed=3)
     b = sampler.SampledSoftmaxLoss(10, 50, 2, seed=3)
     c = sampler.SampledSoftmaxLoss(10, 50, 2, seed=4)
