@@ -9,6 +9,7 @@ import torch
 import sampler
 from tests.sampler import reference as ref
 from tests.sampler.cases import make_case
+from tests.sampler.cases import reference_loss as run_ref
 
 LAYOUTS = [(0, "mod"), (1, "mod"), (3, "mod"), (3, "div"), (4, "div")]
 LOSSES = {"softmax": sampler.sampled_softmax_loss, "nce": sampler.nce_loss}
@@ -79,26 +80,6 @@ def run_ours(
         "biases": [t.grad.to_dense().double().numpy() for t in _leaves(b)],
         "raw": (w, b, x, loss),
     }
-
-
-def run_ref(kind, case, num_shards=0, strategy="mod", remove=None, bias_shards=False):
-    w = case.weight_shards(num_shards, strategy)
-    b = ref.split_rows(case.biases, num_shards, strategy) if bias_shards else case.biases
-    r = ref.sampled_loss(
-        kind,
-        w,
-        b,
-        case.labels,
-        case.inputs,
-        case.sampled_values,
-        case.num_true,
-        remove_accidental_hits=remove,
-        partition_strategy=strategy,
-        upstream=case.upstream,
-    )
-    r["weights"] = r["weights"] if isinstance(r["weights"], list) else [r["weights"]]
-    r["biases"] = r["biases"] if isinstance(r["biases"], list) else [r["biases"]]
-    return r
 
 
 def assert_matches(got, want, rtol, atol):
