@@ -92,6 +92,9 @@ def _tf_steps(args):
         import tensorflow as tf
     except ImportError:
         return None
+    if args.threads:
+        tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+        tf.config.threading.set_inter_op_parallelism_threads(args.threads)
     rng = np.random.default_rng(0)
     weights = tf.Variable(rng.standard_normal((args.num_classes, args.dim), np.float32) * 0.01)
     biases = tf.Variable(np.zeros(args.num_classes, np.float32))
@@ -138,7 +141,10 @@ def main(argv: list[str] | None = None) -> str:
     p.add_argument("--full-steps", type=int, default=3, help="steps for the full softmax")
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-tf", action="store_true", help="skip TensorFlow")
+    p.add_argument("--threads", type=int, default=0, help="threads of both frameworks (0: theirs)")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     sync = device.type == "cuda"
 
