@@ -8,6 +8,7 @@ import torch
 
 from sampler import routing
 from sampler._checks import check_ids_in_range, check_int_tensor
+from sampler.optim import note_default_sparse
 
 Params = torch.Tensor | Sequence[torch.Tensor]
 
@@ -143,6 +144,30 @@ def embedding_lookup(
     if max_norm is not None:
         rows = _clip_rows(rows, max_norm)
     return rows.reshape(*ids.shape, *shards[0].shape[1:])
+
+
+def lookup_weights_and_biases(
+    w_shards, b_shards, ids: torch.Tensor, partition_strategy: str, sparse_grad: bool | None
+):
+    """Rows ``ids`` [N] of the weights and biases: ``([N, D], [N])``.
+
+    Sparse gradients (see :func:`wants_sparse_grad`) are taken w.r.t. the
+    unique ids only, so they come coalesced: an optimizer neither sorts nor sums duplicates.
+    """
+    sparse_w = wants_sparse_grad(sparse_grad, w_shards)
+    sparse_b = wants_sparse_grad(sparse_grad, b_shards)
+    if not (sparse_w or sparse_b):
+        return (
+            embedding_lookup(w_shards, ids, partition_strategy),
+            embedding_lookup(b_shards, ids, partition_strategy),
+        )
+    if sparse_grad is None:  # the default: name the loss if a dense-only optimizer meets it
+        for t in [*(w_shards if sparse_w else ()), *(b_shards if sparse_b else ())]:
+            note_default_sparse(t)
+    uniq, inverse = torch.unique(ids, return_inverse=True)
+    w = embedding_lookup(w_shards, uniq, partition_strategy, sparse_grad=sparse_w, unique=True)
+    b = embedding_lookup(b_shards, uniq, partition_strategy, sparse_grad=sparse_b, unique=True)
+    return w.index_select(0, inverse), b.index_select(0, inverse)
 
 
 def _clip_rows(rows: torch.Tensor, max_norm: float) -> torch.Tensor:

@@ -46,8 +46,7 @@ from sampler.candidate_sampling import (
     accidental_hit_positions,
     log_uniform_candidate_sampler,
 )
-from sampler.embedding import Params, as_shards, embedding_lookup, wants_sparse_grad
-from sampler.optim import note_default_sparse
+from sampler.embedding import Params, as_shards, lookup_weights_and_biases
 
 
 class _SplitLogits(NamedTuple):
@@ -150,7 +149,7 @@ def _sampled_logits(
     )
     sampled, true_ec, sampled_ec = sampled.detach(), true_ec.detach(), sampled_ec.detach()
 
-    all_w, all_b = _lookup(
+    all_w, all_b = lookup_weights_and_biases(
         w_shards,
         b_shards,
         torch.cat([labels.reshape(-1), sampled]),
@@ -175,28 +174,6 @@ def _sampled_logits(
         # In place: addmm's backward does not need its output.
         _fill_hits(sampled_logits, hits, torch.finfo(sampled_logits.dtype).min)
     return _SplitLogits(true_logits, sampled_logits)
-
-
-def _lookup(w_shards, b_shards, ids: torch.Tensor, partition_strategy: str, sparse_grad):
-    """Rows ``ids`` [N] of the weights and biases: ``([N, D], [N])``.
-
-    Sparse gradients (see :func:`sampler.embedding.wants_sparse_grad`) are taken w.r.t. the
-    unique ids only, so they come coalesced: an optimizer neither sorts nor sums duplicates.
-    """
-    sparse_w = wants_sparse_grad(sparse_grad, w_shards)
-    sparse_b = wants_sparse_grad(sparse_grad, b_shards)
-    if not (sparse_w or sparse_b):
-        return (
-            embedding_lookup(w_shards, ids, partition_strategy),
-            embedding_lookup(b_shards, ids, partition_strategy),
-        )
-    if sparse_grad is None:  # the default: name the loss if a dense-only optimizer meets it
-        for t in [*(w_shards if sparse_w else ()), *(b_shards if sparse_b else ())]:
-            note_default_sparse(t)
-    uniq, inverse = torch.unique(ids, return_inverse=True)
-    w = embedding_lookup(w_shards, uniq, partition_strategy, sparse_grad=sparse_w, unique=True)
-    b = embedding_lookup(b_shards, uniq, partition_strategy, sparse_grad=sparse_b, unique=True)
-    return w.index_select(0, inverse), b.index_select(0, inverse)
 
 
 def _hits(labels: torch.Tensor, sampled: torch.Tensor):
