@@ -25,6 +25,7 @@ from sampler.losses import (
     nce_loss,
     sampled_softmax_loss,
 )
+from sampler.optim import SparseAdam
 
 __all__ = [
     "FixedUnigramSampler",
@@ -33,6 +34,7 @@ __all__ = [
     "RangeSampler",
     "SampledSoftmaxLoss",
     "SampledValues",
+    "SparseAdam",
     "UniformSampler",
     "all_candidate_sampler",
     "compute_accidental_hits",

@@ -9,15 +9,19 @@ Differences from TensorFlow, all deliberate:
   logQ subtraction), instead of adding ``-FLT_MAX``. In float32 both give the same loss and
   gradients; in float16/bfloat16 ours stays finite.
 * Losses of float16/bfloat16 inputs are computed and returned in float32.
-* ``sparse_grad=True`` gives sparse COO gradients for ``weights`` and ``biases`` (TensorFlow's
-  ``IndexedSlices``): a step then costs ``O((B*T + S) * D)`` memory instead of a dense
-  ``[C, D]`` gradient. Use it with an optimizer that accepts sparse gradients::
+* Gradients of ``nn.Parameter`` weights and biases are sparse COO tensors by default
+  (``sparse_grad=None``; TensorFlow's ``IndexedSlices`` for a ``tf.Variable``): a step costs
+  ``O((B*T + S) * D)`` memory instead of a dense ``[C, D]`` gradient. The documented step::
 
       emb = torch.nn.Parameter(torch.randn(C, D) * 0.01)
       bias = torch.nn.Parameter(torch.zeros(C))
-      opt = torch.optim.SparseAdam([emb, bias], lr=1e-3)  # or SGD / Adagrad
-      loss = sampled_softmax_loss(emb, bias, labels, user_vecs, 4096, C, sparse_grad=True)
+      opt = sampler.SparseAdam([emb, bias], lr=1e-3)  # or torch's SparseAdam / SGD / Adagrad
+      loss = sampled_softmax_loss(emb, bias, labels, user_vecs, 4096, C)
       loss.mean().backward(); opt.step(); opt.zero_grad()
+
+  A dense-only optimizer meeting such a gradient raises a TypeError naming the fixes
+  (:mod:`sampler.optim`); ``sparse_grad=False`` forces dense gradients, ``True`` sparse ones
+  for any table that requires grad. Plain tensors (rows pulled or computed in the step) stay dense.
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ from sampler.candidate_sampling import (
     accidental_hit_positions,
     log_uniform_candidate_sampler,
 )
-from sampler.embedding import Params, as_shards, embedding_lookup
+from sampler.embedding import Params, as_shards, lookup_weights_and_biases
 
 
 class _SplitLogits(NamedTuple):
@@ -92,7 +96,7 @@ def _sampled_logits(
     remove_accidental_hits: bool,
     partition_strategy: str,
     seed: Seed,
-    sparse_grad: bool,
+    sparse_grad: bool | None,
     mask_in_logits: bool = True,
 ) -> _SplitLogits:
     """Validated core of :func:`compute_sampled_logits`; returns true and sampled logits apart.
@@ -145,9 +149,13 @@ def _sampled_logits(
     )
     sampled, true_ec, sampled_ec = sampled.detach(), true_ec.detach(), sampled_ec.detach()
 
-    all_ids = torch.cat([labels.reshape(-1), sampled])
-    all_w = embedding_lookup(w_shards, all_ids, partition_strategy, sparse_grad=sparse_grad)
-    all_b = embedding_lookup(b_shards, all_ids, partition_strategy, sparse_grad=sparse_grad)
+    all_w, all_b = lookup_weights_and_biases(
+        w_shards,
+        b_shards,
+        torch.cat([labels.reshape(-1), sampled]),
+        partition_strategy,
+        sparse_grad,
+    )
     all_w, all_b = all_w.to(inputs.dtype), all_b.to(inputs.dtype)
     n_true = batch * num_true
     true_w = all_w[:n_true].view(batch, num_true, dim)
@@ -197,7 +205,7 @@ def compute_sampled_logits(
     remove_accidental_hits: bool = False,
     partition_strategy: str = "mod",
     seed: Seed = None,
-    sparse_grad: bool = False,
+    sparse_grad: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """TensorFlow's ``_compute_sampled_logits``: logits and soft labels of the sampled problem.
 
@@ -215,7 +223,9 @@ def compute_sampled_logits(
         remove_accidental_hits: mask sampled candidates that equal one of the row's labels.
         partition_strategy: "mod" or "div" for sharded weights and biases.
         seed: int, ``torch.Generator`` or None; used only when sampling.
-        sparse_grad: sparse COO gradients for weights and biases (see the module docstring).
+        sparse_grad: sparse COO gradients for weights and biases (see the module docstring);
+            None (the default) makes them sparse for ``nn.Parameter`` tables, dense for other
+            tensors.
 
     Returns:
         ``(logits [B, T + S], labels [B, T + S])`` in the dtype of ``inputs``; the true
@@ -255,7 +265,7 @@ def sampled_softmax_loss(
     remove_accidental_hits: bool = True,
     partition_strategy: str = "mod",
     seed: Seed = None,
-    sparse_grad: bool = False,
+    sparse_grad: bool | None = None,
 ) -> torch.Tensor:
     """``tf.nn.sampled_softmax_loss``: softmax cross-entropy over the true and sampled classes.
 
@@ -296,7 +306,7 @@ def nce_loss(
     remove_accidental_hits: bool = False,
     partition_strategy: str = "mod",
     seed: Seed = None,
-    sparse_grad: bool = False,
+    sparse_grad: bool | None = None,
 ) -> torch.Tensor:
     """``tf.nn.nce_loss``: sigmoid cross-entropy, targets ``1/T`` for true classes, 0 for sampled.
 

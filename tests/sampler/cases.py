@@ -83,3 +83,26 @@ def make_case(
     sampled_ec = ref.expected_count(ref.log_uniform_probability(sampled, c), s, num_tries)
     upstream = rng.uniform(0.5, 1.5, batch).astype(np.float32)
     return Case(weights, biases, labels, inputs, sampled, true_ec, sampled_ec, upstream, t, s, c)
+
+
+def reference_loss(
+    kind: str, case: Case, num_shards=0, strategy="mod", remove=None, bias_shards=False
+) -> dict:
+    """The float64 NumPy reference's loss and gradients for ``case``; weights, biases as lists."""
+    w = case.weight_shards(num_shards, strategy)
+    b = ref.split_rows(case.biases, num_shards, strategy) if bias_shards else case.biases
+    r = ref.sampled_loss(
+        kind,
+        w,
+        b,
+        case.labels,
+        case.inputs,
+        case.sampled_values,
+        case.num_true,
+        remove_accidental_hits=remove,
+        partition_strategy=strategy,
+        upstream=case.upstream,
+    )
+    r["weights"] = r["weights"] if isinstance(r["weights"], list) else [r["weights"]]
+    r["biases"] = r["biases"] if isinstance(r["biases"], list) else [r["biases"]]
+    return r

@@ -9,6 +9,7 @@ import torch
 import sampler
 from tests.sampler import reference as ref
 from tests.sampler.cases import make_case
+from tests.sampler.cases import reference_loss as run_ref
 
 LAYOUTS = [(0, "mod"), (1, "mod"), (3, "mod"), (3, "div"), (4, "div")]
 LOSSES = {"softmax": sampler.sampled_softmax_loss, "nce": sampler.nce_loss}
@@ -30,6 +31,11 @@ def _weights(case, num_shards, strategy, dtype=torch.float32, grad=True):
 
 def _leaves(w):
     return w if isinstance(w, list) else [w]
+
+
+def _case_tensors(case):
+    """``(weights [C, D], biases [C], labels [B, T], inputs [B, D])``: a loss's first arguments."""
+    return tuple(torch.from_numpy(a) for a in (case.weights, case.biases, case.labels, case.inputs))
 
 
 def _sv(case, device="cpu"):
@@ -74,26 +80,6 @@ def run_ours(
         "biases": [t.grad.to_dense().double().numpy() for t in _leaves(b)],
         "raw": (w, b, x, loss),
     }
-
-
-def run_ref(kind, case, num_shards=0, strategy="mod", remove=None, bias_shards=False):
-    w = case.weight_shards(num_shards, strategy)
-    b = ref.split_rows(case.biases, num_shards, strategy) if bias_shards else case.biases
-    r = ref.sampled_loss(
-        kind,
-        w,
-        b,
-        case.labels,
-        case.inputs,
-        case.sampled_values,
-        case.num_true,
-        remove_accidental_hits=remove,
-        partition_strategy=strategy,
-        upstream=case.upstream,
-    )
-    r["weights"] = r["weights"] if isinstance(r["weights"], list) else [r["weights"]]
-    r["biases"] = r["biases"] if isinstance(r["biases"], list) else [r["biases"]]
-    return r
 
 
 def assert_matches(got, want, rtol, atol):
@@ -154,10 +140,7 @@ def test_accidental_hit_of_a_repeated_sampled_id_masks_only_its_last_position():
     lab = int(case.sampled[0])  # sampled[0] == sampled[-3]: only position S-3 is a hit
     case.labels[:] = lab
     logits, _ = sampler.compute_sampled_logits(
-        torch.from_numpy(case.weights),
-        torch.from_numpy(case.biases),
-        torch.from_numpy(case.labels),
-        torch.from_numpy(case.inputs),
+        *_case_tensors(case),
         case.num_sampled,
         case.num_classes,
         sampled_values=_sv(case),
@@ -242,10 +225,7 @@ def test_int32_sampled_candidates():
         *(torch.from_numpy(v) for v in case.sampled_values[1:]),
     )
     loss = sampler.sampled_softmax_loss(
-        torch.from_numpy(case.weights),
-        torch.from_numpy(case.biases),
-        torch.from_numpy(case.labels),
-        torch.from_numpy(case.inputs),
+        *_case_tensors(case),
         case.num_sampled,
         case.num_classes,
         num_true=2,
@@ -422,14 +402,7 @@ def test_sparse_optimizers_update_only_touched_rows(opt_cls):
 @pytest.mark.parametrize("seed", [0, 5])
 def test_default_sampler_is_seeded_unique_log_uniform(kind, seed):
     case = make_case(80, 2)
-    args = (
-        torch.from_numpy(case.weights),
-        torch.from_numpy(case.biases),
-        torch.from_numpy(case.labels),
-        torch.from_numpy(case.inputs),
-        case.num_sampled,
-        case.num_classes,
-    )
+    args = (*_case_tensors(case), case.num_sampled, case.num_classes)
     a = LOSSES[kind](*args, num_true=2, seed=seed)
     b = LOSSES[kind](*args, num_true=2, seed=seed)
     torch.testing.assert_close(a, b, rtol=0, atol=0)
@@ -480,12 +453,7 @@ def test_module_rejects_float_labels(dtype):
 @pytest.mark.parametrize("num_true", [1, 2])
 def test_module_reductions_with_fixed_sampled_values(num_true):
     case = make_case(91, num_true)
-    args = (
-        torch.from_numpy(case.weights),
-        torch.from_numpy(case.biases),
-        torch.from_numpy(case.labels),
-        torch.from_numpy(case.inputs),
-    )
+    args = _case_tensors(case)
     want = run_ref("softmax", case)["loss"]
     out = {}
     for reduction in ("none", "mean", "sum"):
@@ -505,12 +473,7 @@ def test_module_reductions_with_fixed_sampled_values(num_true):
 
 def test_module_remove_accidental_hits_flag():
     case = make_case(92, 1)
-    args = (
-        torch.from_numpy(case.weights),
-        torch.from_numpy(case.biases),
-        torch.from_numpy(case.labels),
-        torch.from_numpy(case.inputs),
-    )
+    args = _case_tensors(case)
     m = sampler.SampledSoftmaxLoss(20, 50, sampled_values=_sv(case), remove_accidental_hits=False)
     np.testing.assert_allclose(
         m(*args).numpy(), run_ref("softmax", case, remove=False)["loss"], rtol=1e-5
@@ -519,12 +482,7 @@ def test_module_remove_accidental_hits_flag():
 
 def test_module_seed_reproducible():
     case = make_case(93, 2)
-    args = (
-        torch.from_numpy(case.weights),
-        torch.from_numpy(case.biases),
-        torch.from_numpy(case.labels),
-        torch.from_numpy(case.inputs),
-    )
+    args = _case_tensors(case)
     a = sampler.SampledSoftmaxLoss(10, 50, 2, seed=3)
     b = sampler.SampledSoftmaxLoss(10, 50, 2, seed=3)
     c = sampler.SampledSoftmaxLoss(10, 50, 2, seed=4)
@@ -696,14 +654,7 @@ def test_argument_errors(kind, over, exc, match):
 
 def test_compute_sampled_logits_errors():
     case = make_case(98, 1)
-    args = [
-        torch.from_numpy(case.weights),
-        torch.from_numpy(case.biases),
-        torch.from_numpy(case.labels),
-        torch.from_numpy(case.inputs),
-        case.num_sampled,
-        case.num_classes,
-    ]
+    args = [*_case_tensors(case), case.num_sampled, case.num_classes]
     with pytest.raises(ValueError, match="partition_strategy"):
         sampler.compute_sampled_logits(*args, sampled_values=_sv(case), partition_strategy="x")
     bad = list(args)

@@ -18,7 +18,7 @@ import torch
 
 import sampler
 from tests.sampler import reference as ref
-from tests.sampler.cases import make_case
+from tests.sampler.cases import make_case, reference_loss
 
 pytestmark = pytest.mark.parity
 
@@ -34,20 +34,26 @@ def tf():
     return tf
 
 
-def _torch_weights(case, num_shards, strategy):
+def _table(a, parameter: bool) -> torch.Tensor:
+    """A trainable table: an nn.Parameter (the losses' default: sparse gradients) or a tensor."""
+    t = torch.tensor(a)
+    return torch.nn.Parameter(t) if parameter else t.requires_grad_()
+
+
+def _torch_weights(case, num_shards, strategy, parameter=False):
     w = case.weight_shards(num_shards, strategy)
     if isinstance(w, list):
-        return [torch.tensor(s, requires_grad=True) for s in w]
-    return torch.tensor(w, requires_grad=True)
+        return [_table(s, parameter) for s in w]
+    return _table(w, parameter)
 
 
 def _leaves(w):
     return w if isinstance(w, list) else [w]
 
 
-def ours_loss_and_grads(kind, case, num_shards, strategy, remove):
-    w = _torch_weights(case, num_shards, strategy)
-    b = torch.tensor(case.biases, requires_grad=True)
+def ours_loss_and_grads(kind, case, num_shards, strategy, remove, parameter=False):
+    w = _torch_weights(case, num_shards, strategy, parameter)
+    b = _table(case.biases, parameter)
     x = torch.tensor(case.inputs, requires_grad=True)
     sv = sampler.SampledValues(*(torch.from_numpy(v) for v in case.sampled_values))
     fn = sampler.sampled_softmax_loss if kind == "softmax" else sampler.nce_loss
@@ -64,6 +70,7 @@ def ours_loss_and_grads(kind, case, num_shards, strategy, remove):
         partition_strategy=strategy,
     )
     (loss * torch.from_numpy(case.upstream)).sum().backward()
+    assert all(t.grad.is_sparse == parameter for t in [*_leaves(w), b])
     return {
         "loss": loss.detach().numpy(),
         "weights": [t.grad.to_dense().numpy() for t in _leaves(w)],
@@ -113,10 +120,14 @@ LAYOUTS = [(0, "mod"), (3, "mod"), (3, "div")]  # 0: a single tensor; 3 shards o
 @pytest.mark.parametrize(("num_shards", "strategy"), LAYOUTS)
 @pytest.mark.parametrize("remove", [True, False])
 @pytest.mark.parametrize("unique", [True, False])
-def test_loss_and_grads_match_tf(tf, kind, num_true, num_shards, strategy, remove, unique):
+@pytest.mark.parametrize("parameter", [False, True], ids=["tensor", "parameter"])
+def test_loss_and_grads_match_tf(
+    tf, kind, num_true, num_shards, strategy, remove, unique, parameter
+):
+    """Plain tensors (dense gradients) and the default path for nn.Parameter tables (sparse)."""
     case = make_case(100 * num_true + 7 * unique + num_shards, num_true, unique=unique)
     assert case.num_hits() >= 3, "the case must contain accidental hits"
-    got = ours_loss_and_grads(kind, case, num_shards, strategy, remove)
+    got = ours_loss_and_grads(kind, case, num_shards, strategy, remove, parameter)
     want = tf_loss_and_grads(tf, kind, case, num_shards, strategy, remove)
     assert np.all(np.isfinite(got["loss"]))
     np.testing.assert_allclose(got["loss"], want["loss"], rtol=RTOL, atol=ATOL)
@@ -133,23 +144,11 @@ def test_loss_and_grads_match_tf(tf, kind, num_true, num_shards, strategy, remov
 def test_reference_matches_tf(tf, kind, strategy):
     """The NumPy reference used by test_losses.py agrees with TensorFlow too."""
     case = make_case(5, 3, unique=False)
-    w = case.weight_shards(3, strategy)
-    r = ref.sampled_loss(
-        kind,
-        w,
-        case.biases,
-        case.labels,
-        case.inputs,
-        case.sampled_values,
-        3,
-        remove_accidental_hits=True,
-        partition_strategy=strategy,
-        upstream=case.upstream,
-    )
+    r = reference_loss(kind, case, 3, strategy, remove=True)
     t = tf_loss_and_grads(tf, kind, case, 3, strategy, True)
     np.testing.assert_allclose(r["loss"], t["loss"], rtol=RTOL, atol=ATOL)
     np.testing.assert_allclose(r["inputs"], t["inputs"], rtol=RTOL, atol=ATOL)
-    np.testing.assert_allclose(r["biases"], t["biases"], rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(r["biases"][0], t["biases"], rtol=RTOL, atol=ATOL)
     for a, b in zip(r["weights"], t["weights"]):
         np.testing.assert_allclose(a, b, rtol=RTOL, atol=ATOL)
 
