@@ -63,7 +63,8 @@ def test_lower_bounds_that_the_code_needs():
         if ">=" in r
     }
     assert tuple(map(int, reqs["ray"].split("."))) >= (2, 20)  # ActorUnavailableError
-    assert tuple(map(int, reqs["schemathesis"].split("."))) >= (4, 29)  # the 4.x API, and the fuzz test passes
+    # the 4.x API, and the fuzz test passes
+    assert tuple(map(int, reqs["schemathesis"].split("."))) >= (4, 29)
     assert tuple(map(int, reqs["pydantic-settings"].split("."))) >= (2, 15)
     assert tuple(map(int, reqs["starlette"].split("."))) >= (0, 48)  # HTTP_422_..._CONTENT
 
