@@ -525,7 +525,7 @@ def test_dockerignore_keeps_environments_runs_and_data_out(matcher):
         ".hypothesis/examples/x",
         "shardrec.egg-info/PKG-INFO",
         "tests/service/test_api.py",
-        "benchmarks/serve.py",
+        "benchmarks/serve/__main__.py",
         "trainer/__pycache__/config.cpython-311.pyc",
         "configs/ml-100k/u.data.csv",
         "service/checkpoint.pt",
