@@ -9,6 +9,7 @@ import torch
 import sampler
 from tests.sampler import reference as ref
 from tests.sampler.cases import make_case
+from tests.sampler.checks import assert_reused_sampler_reproduces
 
 pytestmark = [
     pytest.mark.gpu,
@@ -150,15 +151,7 @@ def test_samplers_on_cuda(make, unique):
 
 @pytest.mark.parametrize("cls", [sampler.UniformSampler, sampler.LogUniformSampler])
 def test_int_seed_reproduces_on_a_reused_sampler_object_cuda(cls):
-    smp = cls(60)
-    labels = torch.tensor([[1]], device=CUDA)
-    first = smp.sample(labels, 1, 45, True, 5)
-    for seed in range(20):
-        smp.sample(labels, 1, 45, True, 100 + seed)
-        smp.sample(labels, 1, 2, True, 200 + seed)
-    again = smp.sample(labels, 1, 45, True, 5)
-    for u, v in zip(first, again):
-        torch.testing.assert_close(u, v, rtol=0, atol=0)
+    assert_reused_sampler_reproduces(cls(60), torch.tensor([[1]], device=CUDA), 1)
 
 
 def test_large_range_on_cuda():

@@ -12,6 +12,7 @@ from scipy import stats
 import sampler
 from sampler import routing
 from tests.sampler import reference as ref
+from tests.sampler.checks import assert_reused_sampler_reproduces
 
 P_MIN = 1e-3
 F32_RTOL = 3e-7
@@ -440,14 +441,7 @@ def test_int_seed_reproduces_and_generator_advances(name, unique):
 @pytest.mark.parametrize("cls", [sampler.UniformSampler, sampler.LogUniformSampler])
 def test_int_seed_reproduces_on_a_reused_sampler_object(cls):
     """A sampler object used for other draws in between still gives the same draw per seed."""
-    smp = cls(60)
-    first = smp.sample(LABELS, 2, 45, True, 5)
-    for seed in range(20):
-        smp.sample(LABELS, 2, 45, True, 100 + seed)
-        smp.sample(LABELS, 2, 2, True, 200 + seed)
-    again = smp.sample(LABELS, 2, 45, True, 5)
-    for u, v in zip(first, again):
-        torch.testing.assert_close(u, v, rtol=0, atol=0)
+    assert_reused_sampler_reproduces(cls(60), LABELS, 2)
 
 
 # ----------------------------------------------------------------------------------------------
