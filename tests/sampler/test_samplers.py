@@ -53,45 +53,48 @@ LABELS = torch.tensor([[0, 3], [1, 1], [4, 2]])
 # ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-@pytest.mark.parametrize("range_max", [7, 40])
-def test_uniform_distribution(seed, range_max):
-    s = 20_000
-    out = sampler.uniform_candidate_sampler(LABELS, 2, s, False, range_max, seed=seed)
-    ids = out.sampled_candidates.numpy()
-    assert out.sampled_candidates.dtype == torch.int64 and ids.shape == (s,)
-    assert ids.min() >= 0 and ids.max() < range_max
-    counts = np.bincount(ids, minlength=range_max)
-    assert chisquare_p(counts, np.ones(range_max)) > P_MIN
-    p = ref.uniform_probability(ids, range_max)
-    np.testing.assert_array_equal(out.sampled_expected_count.numpy(), ref.expected_count(p, s, s))
-    np.testing.assert_array_equal(
-        out.true_expected_count.numpy(),
-        ref.expected_count(ref.uniform_probability(LABELS.numpy(), range_max), s, s),
-    )
-    assert out.true_expected_count.dtype == torch.float32
-    assert out.sampled_expected_count.dtype == torch.float32
-
-
-@pytest.mark.parametrize("seed", [0, 1])
-@pytest.mark.parametrize("range_max", [5, 60])
-def test_log_uniform_distribution(seed, range_max):
-    s = 20_000
-    out = sampler.log_uniform_candidate_sampler(LABELS, 2, s, False, range_max, seed=seed)
-    ids = out.sampled_candidates.numpy()
-    assert ids.min() >= 0 and ids.max() < range_max
+def _log_uniform_cell_probs(range_max):
+    """Log-uniform probabilities written out independently of the reference."""
     k = np.arange(range_max)
     probs = np.log((k + 2.0) / (k + 1.0)) / np.log(range_max + 1.0)
     np.testing.assert_allclose(probs.sum(), 1.0)
-    assert chisquare_p(np.bincount(ids, minlength=range_max), probs) > P_MIN
+    return probs
+
+
+DISTRIBUTIONS = {
+    # name: (sampler, reference probability, cell probabilities for the goodness of fit)
+    "uniform": (sampler.uniform_candidate_sampler, ref.uniform_probability, np.ones),
+    "log_uniform": (
+        sampler.log_uniform_candidate_sampler,
+        ref.log_uniform_probability,
+        _log_uniform_cell_probs,
+    ),
+}
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize(
+    ("name", "range_max"),
+    [("uniform", 7), ("uniform", 40), ("log_uniform", 5), ("log_uniform", 60)],
+)
+def test_distribution(seed, name, range_max):
+    fn, probability, cell_probs = DISTRIBUTIONS[name]
+    s = 20_000
+    out = fn(LABELS, 2, s, False, range_max, seed=seed)
+    ids = out.sampled_candidates.numpy()
+    assert out.sampled_candidates.dtype == torch.int64 and ids.shape == (s,)
+    assert ids.min() >= 0 and ids.max() < range_max
+    assert chisquare_p(np.bincount(ids, minlength=range_max), cell_probs(range_max)) > P_MIN
     np.testing.assert_array_equal(
         out.sampled_expected_count.numpy(),
-        ref.expected_count(ref.log_uniform_probability(ids, range_max), s, s),
+        ref.expected_count(probability(ids, range_max), s, s),
     )
     np.testing.assert_array_equal(
         out.true_expected_count.numpy(),
-        ref.expected_count(ref.log_uniform_probability(LABELS.numpy(), range_max), s, s),
+        ref.expected_count(probability(LABELS.numpy(), range_max), s, s),
     )
+    assert out.true_expected_count.dtype == torch.float32
+    assert out.sampled_expected_count.dtype == torch.float32
 
 
 FIXED_CONFIGS = [
@@ -174,14 +177,8 @@ def test_fixed_unigram_vocab_file(tmp_path):
     path.write_text("".join(f"w{i},x,{u:g}\n" for i, u in enumerate(UNIGRAMS)))
     assert ref.read_vocab_weights(str(path)) == UNIGRAMS
     weights, total = ref.fixed_unigram_weights(UNIGRAMS, 0.75, 2, 2, 1)
-    a = sampler.FixedUnigramSampler(
-        len(weights),
-        vocab_file=str(path),
-        distortion=0.75,
-        num_reserved_ids=2,
-        num_shards=2,
-        shard=1,
-    )
+    config = dict(vocab_file=str(path), distortion=0.75, num_reserved_ids=2, num_shards=2, shard=1)
+    a = sampler.FixedUnigramSampler(len(weights), **config)
     ids = torch.arange(len(weights))
     np.testing.assert_allclose(
         a.probability(ids).numpy(),
@@ -189,17 +186,7 @@ def test_fixed_unigram_vocab_file(tmp_path):
         rtol=F32_RTOL,
     )
     out = sampler.fixed_unigram_candidate_sampler(
-        torch.tensor([[1]]),
-        1,
-        4000,
-        False,
-        len(weights),
-        vocab_file=str(path),
-        distortion=0.75,
-        num_reserved_ids=2,
-        num_shards=2,
-        shard=1,
-        seed=0,
+        torch.tensor([[1]]), 1, 4000, False, len(weights), seed=0, **config
     )
     counts = np.bincount(out.sampled_candidates.numpy(), minlength=len(weights))
     assert chisquare_p(counts, weights) > P_MIN
