@@ -106,3 +106,25 @@ def reference_loss(
     r["weights"] = r["weights"] if isinstance(r["weights"], list) else [r["weights"]]
     r["biases"] = r["biases"] if isinstance(r["biases"], list) else [r["biases"]]
     return r
+
+
+def loss_kwargs(case: Case, to_tensor, weights, biases=None, inputs=None, **overrides) -> dict:
+    """The keyword arguments of a TF-signature call on ``case``: ``sampled_softmax_loss``,
+    ``nce_loss`` or ``compute_sampled_logits``, ours or TensorFlow's.
+
+    ``to_tensor`` converts the case's arrays (``torch.from_numpy``, ``tf.constant``); the
+    weights (a table or its shards), and biases and inputs where given, are passed as they are
+    (trainable leaves); ``overrides`` add or replace keywords.
+    """
+    kw = dict(
+        weights=weights,
+        biases=to_tensor(case.biases) if biases is None else biases,
+        labels=to_tensor(case.labels),
+        inputs=to_tensor(case.inputs) if inputs is None else inputs,
+        num_sampled=case.num_sampled,
+        num_classes=case.num_classes,
+        num_true=case.num_true,
+        sampled_values=tuple(to_tensor(v) for v in case.sampled_values),
+    )
+    kw.update(overrides)
+    return kw

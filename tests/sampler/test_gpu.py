@@ -8,7 +8,7 @@ import torch
 
 import sampler
 from tests.sampler import reference as ref
-from tests.sampler.cases import make_case
+from tests.sampler.cases import loss_kwargs, make_case
 from tests.sampler.checks import assert_reused_sampler_reproduces
 
 pytestmark = [
@@ -28,19 +28,17 @@ def _run(kind, case, device, num_shards, strategy, remove, dtype=torch.float32, 
         w = torch.tensor(w_np, device=device, dtype=dtype, requires_grad=True)
     b = torch.tensor(case.biases, device=device, dtype=dtype, requires_grad=True)
     x = torch.tensor(case.inputs, device=device, dtype=dtype, requires_grad=True)
-    sv = tuple(torch.from_numpy(v).to(device) for v in case.sampled_values)
     loss = LOSSES[kind](
-        w,
-        b,
-        torch.from_numpy(case.labels).to(device),
-        x,
-        case.num_sampled,
-        case.num_classes,
-        num_true=case.num_true,
-        sampled_values=sv,
-        remove_accidental_hits=remove,
-        partition_strategy=strategy,
-        sparse_grad=sparse,
+        **loss_kwargs(
+            case,
+            lambda a: torch.from_numpy(a).to(device),
+            w,
+            b,
+            x,
+            remove_accidental_hits=remove,
+            partition_strategy=strategy,
+            sparse_grad=sparse,
+        )
     )
     assert loss.device.type == device.type
     (loss * torch.from_numpy(case.upstream).to(device, loss.dtype)).sum().backward()
