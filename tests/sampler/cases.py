@@ -33,6 +33,12 @@ class Case:
             return self.weights
         return ref.split_rows(self.weights, num_shards, strategy)
 
+    def problem(self, num_shards: int = 0, strategy: str = "mod", bias_shards=False):
+        """The reference's arguments for this case: :class:`reference.Problem`."""
+        w = self.weight_shards(num_shards, strategy)
+        b = ref.split_rows(self.biases, num_shards, strategy) if bias_shards else self.biases
+        return ref.Problem(w, b, self.labels, self.inputs, self.sampled_values, self.num_true)
+
     def num_hits(self) -> int:
         return len(ref.compute_accidental_hits(self.labels, self.sampled, self.num_true)[0])
 
@@ -86,22 +92,25 @@ def make_case(
 
 
 def reference_loss(
-    kind: str, case: Case, num_shards=0, strategy="mod", remove=None, bias_shards=False
+    kind: str,
+    case: Case,
+    num_shards=0,
+    strategy="mod",
+    remove=None,
+    bias_shards=False,
+    weighted=True,
 ) -> dict:
-    """The float64 NumPy reference's loss and gradients for ``case``; weights, biases as lists."""
-    w = case.weight_shards(num_shards, strategy)
-    b = ref.split_rows(case.biases, num_shards, strategy) if bias_shards else case.biases
+    """The float64 NumPy reference's loss and gradients for ``case``; weights, biases as lists.
+
+    The gradients are those of ``sum(case.upstream * loss)``, or of ``loss.sum()`` where
+    ``weighted`` is False.
+    """
     r = ref.sampled_loss(
         kind,
-        w,
-        b,
-        case.labels,
-        case.inputs,
-        case.sampled_values,
-        case.num_true,
+        case.problem(num_shards, strategy, bias_shards),
         remove_accidental_hits=remove,
         partition_strategy=strategy,
-        upstream=case.upstream,
+        upstream=case.upstream if weighted else None,
     )
     r["weights"] = r["weights"] if isinstance(r["weights"], list) else [r["weights"]]
     r["biases"] = r["biases"] if isinstance(r["biases"], list) else [r["biases"]]

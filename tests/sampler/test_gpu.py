@@ -8,7 +8,7 @@ import torch
 
 import sampler
 from tests.sampler import reference as ref
-from tests.sampler.cases import loss_kwargs, make_case
+from tests.sampler.cases import loss_kwargs, make_case, reference_loss
 from tests.sampler.checks import assert_reused_sampler_reproduces
 
 pytestmark = [
@@ -66,17 +66,7 @@ def test_losses_on_cuda_equal_cpu(kind, num_true, num_shards, strategy, remove, 
         np.testing.assert_allclose(gpu[key], cpu[key], rtol=1e-5, atol=1e-6)
     for g, c in zip(gpu["weights"], cpu["weights"]):
         np.testing.assert_allclose(g, c, rtol=1e-5, atol=1e-6)
-    want = ref.sampled_loss(
-        kind,
-        case.weights,
-        case.biases,
-        case.labels,
-        case.inputs,
-        case.sampled_values,
-        num_true,
-        remove_accidental_hits=remove,
-        upstream=case.upstream,
-    )
+    want = reference_loss(kind, case, remove=remove)
     np.testing.assert_allclose(gpu["loss"], want["loss"], rtol=1e-5, atol=1e-6)
 
 

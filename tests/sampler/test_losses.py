@@ -174,15 +174,7 @@ def test_compute_sampled_logits_matches_reference(
         )
     )
     want = ref.compute_sampled_logits(
-        case.weight_shards(num_shards, strategy),
-        case.biases,
-        case.labels,
-        case.inputs,
-        case.sampled_values,
-        num_true,
-        subtract_log_q,
-        remove,
-        strategy,
+        case.problem(num_shards, strategy), subtract_log_q, remove, strategy
     )
     assert logits.shape == (8, num_true + case.num_sampled)
     assert logits.dtype == torch.float32
@@ -266,16 +258,7 @@ def test_half_precision_finite_and_close(kind, dtype, tol, half_weights, remove)
     np.testing.assert_allclose(loss.double().detach().numpy(), want["loss"], rtol=tol, atol=tol)
     np.testing.assert_allclose(
         x.grad.double().numpy(),
-        ref.sampled_loss(
-            kind,
-            case.weights,
-            case.biases,
-            case.labels,
-            case.inputs,
-            case.sampled_values,
-            2,
-            remove_accidental_hits=remove,
-        )["inputs"],
+        run_ref(kind, case, remove=remove, weighted=False)["inputs"],
         rtol=tol,
         atol=3 * tol,
     )
