@@ -98,35 +98,23 @@ def test_distribution(seed, name, range_max):
 
 
 FIXED_CONFIGS = [
-    # (distortion, num_reserved_ids, num_shards, shard)
-    (1.0, 0, 1, 0),
-    (0.75, 3, 1, 0),
-    (0.5, 3, 2, 1),
-    (1.5, 4, 3, 2),
-    (0.0, 2, 2, 0),
+    # keyword arguments of FixedUnigramSampler and ref.fixed_unigram_weights
+    dict(zip(("distortion", "num_reserved_ids", "num_shards", "shard"), values))
+    for values in [(1.0, 0, 1, 0), (0.75, 3, 1, 0), (0.5, 3, 2, 1), (1.5, 4, 3, 2), (0.0, 2, 2, 0)]
 ]
+FIXED_IDS = ["-".join(str(v) for v in c.values()) for c in FIXED_CONFIGS]
 UNIGRAMS = [float(u) for u in np.random.default_rng(0).integers(1, 60, 25)]
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-@pytest.mark.parametrize(("distortion", "reserved", "num_shards", "shard"), FIXED_CONFIGS)
-def test_fixed_unigram_distribution(seed, distortion, reserved, num_shards, shard):
-    weights, total = ref.fixed_unigram_weights(UNIGRAMS, distortion, reserved, num_shards, shard)
+@pytest.mark.parametrize("config", FIXED_CONFIGS, ids=FIXED_IDS)
+def test_fixed_unigram_distribution(seed, config):
+    weights, total = ref.fixed_unigram_weights(UNIGRAMS, **config)
     range_max = len(weights)
     labels = torch.from_numpy(np.flatnonzero(weights > 0)[:4].reshape(2, 2))
     s = 20_000
     out = sampler.fixed_unigram_candidate_sampler(
-        labels,
-        2,
-        s,
-        False,
-        range_max,
-        distortion=distortion,
-        num_reserved_ids=reserved,
-        num_shards=num_shards,
-        shard=shard,
-        unigrams=UNIGRAMS,
-        seed=seed,
+        labels, 2, s, False, range_max, unigrams=UNIGRAMS, seed=seed, **config
     )
     ids = out.sampled_candidates.numpy()
     assert ids.min() >= 0 and ids.max() < range_max
@@ -141,24 +129,18 @@ def test_fixed_unigram_distribution(seed, distortion, reserved, num_shards, shar
     )
 
 
-@pytest.mark.parametrize(("distortion", "reserved", "num_shards", "shard"), FIXED_CONFIGS)
-def test_fixed_unigram_probability_table(distortion, reserved, num_shards, shard):
-    weights, total = ref.fixed_unigram_weights(UNIGRAMS, distortion, reserved, num_shards, shard)
-    s = sampler.FixedUnigramSampler(
-        len(weights),
-        distortion=distortion,
-        num_reserved_ids=reserved,
-        num_shards=num_shards,
-        shard=shard,
-        unigrams=UNIGRAMS,
-    )
+@pytest.mark.parametrize("config", FIXED_CONFIGS, ids=FIXED_IDS)
+def test_fixed_unigram_probability_table(config):
+    weights, total = ref.fixed_unigram_weights(UNIGRAMS, **config)
+    s = sampler.FixedUnigramSampler(len(weights), unigrams=UNIGRAMS, **config)
     ids = np.arange(len(weights))
     got = s.probability(torch.from_numpy(ids)).numpy()
     assert got.dtype == np.float32
     np.testing.assert_allclose(
         got, ref.fixed_unigram_probability(ids, weights, total), rtol=F32_RTOL
     )
-    n_reserved_kept = len([i for i in range(reserved) if i % num_shards == shard])
+    num_shards, shard = config["num_shards"], config["shard"]
+    n_reserved_kept = len([i for i in range(config["num_reserved_ids"]) if i % num_shards == shard])
     assert (got[:n_reserved_kept] == 0).all()
 
 
