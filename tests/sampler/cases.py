@@ -33,6 +33,12 @@ class Case:
             return self.weights
         return ref.split_rows(self.weights, num_shards, strategy)
 
+    def problem(self, num_shards: int = 0, strategy: str = "mod", bias_shards=False):
+        """The reference's arguments for this case: :class:`reference.Problem`."""
+        w = self.weight_shards(num_shards, strategy)
+        b = ref.split_rows(self.biases, num_shards, strategy) if bias_shards else self.biases
+        return ref.Problem(w, b, self.labels, self.inputs, self.sampled_values, self.num_true)
+
     def num_hits(self) -> int:
         return len(ref.compute_accidental_hits(self.labels, self.sampled, self.num_true)[0])
 
@@ -86,23 +92,48 @@ def make_case(
 
 
 def reference_loss(
-    kind: str, case: Case, num_shards=0, strategy="mod", remove=None, bias_shards=False
+    kind: str,
+    case: Case,
+    num_shards=0,
+    strategy="mod",
+    remove=None,
+    bias_shards=False,
+    weighted=True,
 ) -> dict:
-    """The float64 NumPy reference's loss and gradients for ``case``; weights, biases as lists."""
-    w = case.weight_shards(num_shards, strategy)
-    b = ref.split_rows(case.biases, num_shards, strategy) if bias_shards else case.biases
+    """The float64 NumPy reference's loss and gradients for ``case``; weights, biases as lists.
+
+    The gradients are those of ``sum(case.upstream * loss)``, or of ``loss.sum()`` where
+    ``weighted`` is False.
+    """
     r = ref.sampled_loss(
         kind,
-        w,
-        b,
-        case.labels,
-        case.inputs,
-        case.sampled_values,
-        case.num_true,
+        case.problem(num_shards, strategy, bias_shards),
         remove_accidental_hits=remove,
         partition_strategy=strategy,
-        upstream=case.upstream,
+        upstream=case.upstream if weighted else None,
     )
     r["weights"] = r["weights"] if isinstance(r["weights"], list) else [r["weights"]]
     r["biases"] = r["biases"] if isinstance(r["biases"], list) else [r["biases"]]
     return r
+
+
+def loss_kwargs(case: Case, to_tensor, weights, biases=None, inputs=None, **overrides) -> dict:
+    """The keyword arguments of a TF-signature call on ``case``: ``sampled_softmax_loss``,
+    ``nce_loss`` or ``compute_sampled_logits``, ours or TensorFlow's.
+
+    ``to_tensor`` converts the case's arrays (``torch.from_numpy``, ``tf.constant``); the
+    weights (a table or its shards), and biases and inputs where given, are passed as they are
+    (trainable leaves); ``overrides`` add or replace keywords.
+    """
+    kw = dict(
+        weights=weights,
+        biases=to_tensor(case.biases) if biases is None else biases,
+        labels=to_tensor(case.labels),
+        inputs=to_tensor(case.inputs) if inputs is None else inputs,
+        num_sampled=case.num_sampled,
+        num_classes=case.num_classes,
+        num_true=case.num_true,
+        sampled_values=tuple(to_tensor(v) for v in case.sampled_values),
+    )
+    kw.update(overrides)
+    return kw

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -167,12 +168,29 @@ class Logits:
         self.logits, self.labels, self.mask = logits, labels, mask
 
 
-def _prepare(weights, biases, labels, inputs, sampled_values, num_true, strategy):
-    w = full_table(weights, strategy).astype(np.float64)
-    b = full_table(biases, strategy).astype(np.float64)
-    x = np.asarray(inputs, dtype=np.float64)
-    labels = np.asarray(labels, dtype=np.int64).reshape(x.shape[0], num_true)
-    sampled, true_ec, sampled_ec = (np.asarray(v) for v in sampled_values)
+class Problem(NamedTuple):
+    """The arguments that TensorFlow's sampled losses and ``_compute_sampled_logits`` share.
+
+    ``weights`` and ``biases``: a table or a list of its shards (in the layout of the
+    ``partition_strategy`` they are used with); ``sampled_values``: ``(sampled [S],
+    true_expected_count [B, T], sampled_expected_count [S])``.
+    """
+
+    weights: Any
+    biases: Any
+    labels: Any
+    inputs: Any
+    sampled_values: Any
+    num_true: int = 1
+
+
+def _prepare(problem: Problem, strategy):
+    num_true = problem.num_true
+    w = full_table(problem.weights, strategy).astype(np.float64)
+    b = full_table(problem.biases, strategy).astype(np.float64)
+    x = np.asarray(problem.inputs, dtype=np.float64)
+    labels = np.asarray(problem.labels, dtype=np.int64).reshape(x.shape[0], num_true)
+    sampled, true_ec, sampled_ec = (np.asarray(v) for v in problem.sampled_values)
     sampled = sampled.astype(np.int64)
     true_ec = true_ec.astype(np.float64).reshape(x.shape[0], num_true)
     sampled_ec = sampled_ec.astype(np.float64).reshape(len(sampled))
@@ -180,19 +198,13 @@ def _prepare(weights, biases, labels, inputs, sampled_values, num_true, strategy
 
 
 def compute_sampled_logits(
-    weights,
-    biases,
-    labels,
-    inputs,
-    sampled_values,
-    num_true: int = 1,
+    problem: Problem,
     subtract_log_q: bool = True,
     remove_accidental_hits: bool = False,
     partition_strategy: str = "mod",
 ) -> Logits:
-    w, b, x, labels, sampled, true_ec, sampled_ec = _prepare(
-        weights, biases, labels, inputs, sampled_values, num_true, partition_strategy
-    )
+    num_true = problem.num_true
+    w, b, x, labels, sampled, true_ec, sampled_ec = _prepare(problem, partition_strategy)
     true_logits = np.einsum("bd,btd->bt", x, w[labels]) + b[labels]
     sampled_logits = x @ w[sampled].T + b[sampled][None, :]
     if subtract_log_q:
@@ -246,12 +258,7 @@ def _split_like(full: np.ndarray, like, strategy: str):
 
 def sampled_loss(
     kind: str,
-    weights,
-    biases,
-    labels,
-    inputs,
-    sampled_values,
-    num_true: int = 1,
+    problem: Problem,
     remove_accidental_hits: bool | None = None,
     partition_strategy: str = "mod",
     upstream=None,
@@ -260,6 +267,7 @@ def sampled_loss(
 
     Args:
         kind: "softmax" or "nce".
+        problem: the weights, biases, labels, inputs, sampled values and ``num_true``.
         remove_accidental_hits: None for the TensorFlow default of ``kind`` (True for softmax,
             False for NCE).
         upstream: ``[B]`` weights of the per-example losses in the scalar being differentiated
@@ -268,30 +276,19 @@ def sampled_loss(
     Returns:
         dict with ``loss [B]``, ``logits`` (:class:`Logits`), and the gradients of
         ``sum(upstream * loss)``: ``inputs [B, D]``, ``weights`` and ``biases`` shaped like the
-        arguments (a list of shards in the same layout when a list was given).
+        problem's (a list of shards in the same layout when a list was given).
     """
     if remove_accidental_hits is None:
         remove_accidental_hits = kind == "softmax"
-    lg = compute_sampled_logits(
-        weights,
-        biases,
-        labels,
-        inputs,
-        sampled_values,
-        num_true,
-        True,
-        remove_accidental_hits,
-        partition_strategy,
-    )
+    lg = compute_sampled_logits(problem, True, remove_accidental_hits, partition_strategy)
     if kind == "softmax":
         loss, g = _softmax_loss_and_dlogits(lg)
     elif kind == "nce":
         loss, g = _nce_loss_and_dlogits(lg)
     else:
         raise ValueError(kind)
-    w, b, x, labels, sampled, _, _ = _prepare(
-        weights, biases, labels, inputs, sampled_values, num_true, partition_strategy
-    )
+    num_true = problem.num_true
+    w, b, x, labels, sampled, _, _ = _prepare(problem, partition_strategy)
     up = np.ones(x.shape[0]) if upstream is None else np.asarray(upstream, dtype=np.float64)
     g = g * up[:, None]
     gt, gs = g[:, :num_true], g[:, num_true:]
@@ -306,17 +303,19 @@ def sampled_loss(
         "loss": loss,
         "logits": lg,
         "inputs": d_x,
-        "weights": _split_like(d_w, weights, partition_strategy),
-        "biases": _split_like(d_b, biases, partition_strategy),
+        "weights": _split_like(d_w, problem.weights, partition_strategy),
+        "biases": _split_like(d_b, problem.biases, partition_strategy),
     }
 
 
 def sampled_softmax_loss(weights, biases, labels, inputs, sampled_values, num_true=1, **kw):
-    return sampled_loss("softmax", weights, biases, labels, inputs, sampled_values, num_true, **kw)
+    problem = Problem(weights, biases, labels, inputs, sampled_values, num_true)
+    return sampled_loss("softmax", problem, **kw)
 
 
 def nce_loss(weights, biases, labels, inputs, sampled_values, num_true=1, **kw):
-    return sampled_loss("nce", weights, biases, labels, inputs, sampled_values, num_true, **kw)
+    problem = Problem(weights, biases, labels, inputs, sampled_values, num_true)
+    return sampled_loss("nce", problem, **kw)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -8,7 +8,8 @@ import torch
 
 import sampler
 from tests.sampler import reference as ref
-from tests.sampler.cases import make_case
+from tests.sampler.cases import loss_kwargs, make_case, reference_loss
+from tests.sampler.checks import assert_reused_sampler_reproduces
 
 pytestmark = [
     pytest.mark.gpu,
@@ -27,19 +28,17 @@ def _run(kind, case, device, num_shards, strategy, remove, dtype=torch.float32, 
         w = torch.tensor(w_np, device=device, dtype=dtype, requires_grad=True)
     b = torch.tensor(case.biases, device=device, dtype=dtype, requires_grad=True)
     x = torch.tensor(case.inputs, device=device, dtype=dtype, requires_grad=True)
-    sv = tuple(torch.from_numpy(v).to(device) for v in case.sampled_values)
     loss = LOSSES[kind](
-        w,
-        b,
-        torch.from_numpy(case.labels).to(device),
-        x,
-        case.num_sampled,
-        case.num_classes,
-        num_true=case.num_true,
-        sampled_values=sv,
-        remove_accidental_hits=remove,
-        partition_strategy=strategy,
-        sparse_grad=sparse,
+        **loss_kwargs(
+            case,
+            lambda a: torch.from_numpy(a).to(device),
+            w,
+            b,
+            x,
+            remove_accidental_hits=remove,
+            partition_strategy=strategy,
+            sparse_grad=sparse,
+        )
     )
     assert loss.device.type == device.type
     (loss * torch.from_numpy(case.upstream).to(device, loss.dtype)).sum().backward()
@@ -67,17 +66,7 @@ def test_losses_on_cuda_equal_cpu(kind, num_true, num_shards, strategy, remove, 
         np.testing.assert_allclose(gpu[key], cpu[key], rtol=1e-5, atol=1e-6)
     for g, c in zip(gpu["weights"], cpu["weights"]):
         np.testing.assert_allclose(g, c, rtol=1e-5, atol=1e-6)
-    want = ref.sampled_loss(
-        kind,
-        case.weights,
-        case.biases,
-        case.labels,
-        case.inputs,
-        case.sampled_values,
-        num_true,
-        remove_accidental_hits=remove,
-        upstream=case.upstream,
-    )
+    want = reference_loss(kind, case, remove=remove)
     np.testing.assert_allclose(gpu["loss"], want["loss"], rtol=1e-5, atol=1e-6)
 
 
@@ -150,15 +139,7 @@ def test_samplers_on_cuda(make, unique):
 
 @pytest.mark.parametrize("cls", [sampler.UniformSampler, sampler.LogUniformSampler])
 def test_int_seed_reproduces_on_a_reused_sampler_object_cuda(cls):
-    smp = cls(60)
-    labels = torch.tensor([[1]], device=CUDA)
-    first = smp.sample(labels, 1, 45, True, 5)
-    for seed in range(20):
-        smp.sample(labels, 1, 45, True, 100 + seed)
-        smp.sample(labels, 1, 2, True, 200 + seed)
-    again = smp.sample(labels, 1, 45, True, 5)
-    for u, v in zip(first, again):
-        torch.testing.assert_close(u, v, rtol=0, atol=0)
+    assert_reused_sampler_reproduces(cls(60), torch.tensor([[1]], device=CUDA), 1)
 
 
 def test_large_range_on_cuda():

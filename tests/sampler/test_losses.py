@@ -8,7 +8,7 @@ import torch
 
 import sampler
 from tests.sampler import reference as ref
-from tests.sampler.cases import make_case
+from tests.sampler.cases import loss_kwargs, make_case
 from tests.sampler.cases import reference_loss as run_ref
 
 LAYOUTS = [(0, "mod"), (1, "mod"), (3, "mod"), (3, "div"), (4, "div")]
@@ -163,28 +163,18 @@ def test_compute_sampled_logits_matches_reference(
 ):
     case = make_case(30 + num_true, num_true, unique=False)
     logits, labels = sampler.compute_sampled_logits(
-        _weights(case, num_shards, strategy, grad=False),
-        torch.from_numpy(case.biases),
-        torch.from_numpy(case.labels),
-        torch.from_numpy(case.inputs),
-        case.num_sampled,
-        case.num_classes,
-        num_true=num_true,
-        sampled_values=_sv(case),
-        subtract_log_q=subtract_log_q,
-        remove_accidental_hits=remove,
-        partition_strategy=strategy,
+        **loss_kwargs(
+            case,
+            torch.from_numpy,
+            _weights(case, num_shards, strategy, grad=False),
+            sampled_values=_sv(case),
+            subtract_log_q=subtract_log_q,
+            remove_accidental_hits=remove,
+            partition_strategy=strategy,
+        )
     )
     want = ref.compute_sampled_logits(
-        case.weight_shards(num_shards, strategy),
-        case.biases,
-        case.labels,
-        case.inputs,
-        case.sampled_values,
-        num_true,
-        subtract_log_q,
-        remove,
-        strategy,
+        case.problem(num_shards, strategy), subtract_log_q, remove, strategy
     )
     assert logits.shape == (8, num_true + case.num_sampled)
     assert logits.dtype == torch.float32
@@ -268,16 +258,7 @@ def test_half_precision_finite_and_close(kind, dtype, tol, half_weights, remove)
     np.testing.assert_allclose(loss.double().detach().numpy(), want["loss"], rtol=tol, atol=tol)
     np.testing.assert_allclose(
         x.grad.double().numpy(),
-        ref.sampled_loss(
-            kind,
-            case.weights,
-            case.biases,
-            case.labels,
-            case.inputs,
-            case.sampled_values,
-            2,
-            remove_accidental_hits=remove,
-        )["inputs"],
+        run_ref(kind, case, remove=remove, weighted=False)["inputs"],
         rtol=tol,
         atol=3 * tol,
     )

@@ -18,7 +18,7 @@ import torch
 
 import sampler
 from tests.sampler import reference as ref
-from tests.sampler.cases import make_case, reference_loss
+from tests.sampler.cases import loss_kwargs, make_case, reference_loss
 
 pytestmark = pytest.mark.parity
 
@@ -58,16 +58,16 @@ def ours_loss_and_grads(kind, case, num_shards, strategy, remove, parameter=Fals
     sv = sampler.SampledValues(*(torch.from_numpy(v) for v in case.sampled_values))
     fn = sampler.sampled_softmax_loss if kind == "softmax" else sampler.nce_loss
     loss = fn(
-        w,
-        b,
-        torch.from_numpy(case.labels),
-        x,
-        case.num_sampled,
-        case.num_classes,
-        num_true=case.num_true,
-        sampled_values=sv,
-        remove_accidental_hits=remove,
-        partition_strategy=strategy,
+        **loss_kwargs(
+            case,
+            torch.from_numpy,
+            w,
+            b,
+            x,
+            sampled_values=sv,
+            remove_accidental_hits=remove,
+            partition_strategy=strategy,
+        )
     )
     (loss * torch.from_numpy(case.upstream)).sum().backward()
     assert all(t.grad.is_sparse == parameter for t in [*_leaves(w), b])
@@ -85,21 +85,19 @@ def tf_loss_and_grads(tf, kind, case, num_shards, strategy, remove):
     w_arg = w_list if isinstance(w_np, list) else w_list[0]
     b = tf.constant(case.biases)
     x = tf.constant(case.inputs)
-    sv = tuple(tf.constant(v) for v in case.sampled_values)
     fn = tf.compat.v1.nn.sampled_softmax_loss if kind == "softmax" else tf.compat.v1.nn.nce_loss
     with tf.GradientTape() as tape:
         tape.watch([*w_list, b, x])
         loss = fn(
-            weights=w_arg,
-            biases=b,
-            labels=tf.constant(case.labels),
-            inputs=x,
-            num_sampled=case.num_sampled,
-            num_classes=case.num_classes,
-            num_true=case.num_true,
-            sampled_values=sv,
-            remove_accidental_hits=remove,
-            partition_strategy=strategy,
+            **loss_kwargs(
+                case,
+                tf.constant,
+                w_arg,
+                b,
+                x,
+                remove_accidental_hits=remove,
+                partition_strategy=strategy,
+            )
         )
         total = tf.reduce_sum(loss * tf.constant(case.upstream))
     grads = tape.gradient(total, [*w_list, b, x])
@@ -161,31 +159,14 @@ def test_compute_sampled_logits_matches_tf(tf, num_true, remove, num_shards, str
 
     case = make_case(11 + num_true, num_true, unique=False)
     w_np = case.weight_shards(num_shards, strategy)
+    options = dict(remove_accidental_hits=remove, partition_strategy=strategy)
     w_tf = [tf.constant(s) for s in w_np] if isinstance(w_np, list) else tf.constant(w_np)
     want_logits, want_labels = _compute_sampled_logits(
-        w_tf,
-        tf.constant(case.biases),
-        tf.constant(case.labels),
-        tf.constant(case.inputs),
-        case.num_sampled,
-        case.num_classes,
-        num_true=num_true,
-        sampled_values=tuple(tf.constant(v) for v in case.sampled_values),
-        remove_accidental_hits=remove,
-        partition_strategy=strategy,
+        **loss_kwargs(case, tf.constant, w_tf, **options)
     )
     w_t = [torch.from_numpy(s) for s in w_np] if isinstance(w_np, list) else torch.from_numpy(w_np)
     logits, labels = sampler.compute_sampled_logits(
-        w_t,
-        torch.from_numpy(case.biases),
-        torch.from_numpy(case.labels),
-        torch.from_numpy(case.inputs),
-        case.num_sampled,
-        case.num_classes,
-        num_true=num_true,
-        sampled_values=tuple(torch.from_numpy(v) for v in case.sampled_values),
-        remove_accidental_hits=remove,
-        partition_strategy=strategy,
+        **loss_kwargs(case, torch.from_numpy, w_t, **options)
     )
     want_logits, logits = want_logits.numpy(), logits.numpy()
     np.testing.assert_array_equal(labels.numpy(), want_labels.numpy())

@@ -12,6 +12,7 @@ from scipy import stats
 import sampler
 from sampler import routing
 from tests.sampler import reference as ref
+from tests.sampler.checks import assert_reused_sampler_reproduces
 
 P_MIN = 1e-3
 F32_RTOL = 3e-7
@@ -52,77 +53,68 @@ LABELS = torch.tensor([[0, 3], [1, 1], [4, 2]])
 # ----------------------------------------------------------------------------------------------
 
 
+def _log_uniform_cell_probs(range_max):
+    """Log-uniform probabilities written out independently of the reference."""
+    k = np.arange(range_max)
+    probs = np.log((k + 2.0) / (k + 1.0)) / np.log(range_max + 1.0)
+    np.testing.assert_allclose(probs.sum(), 1.0)
+    return probs
+
+
+DISTRIBUTIONS = {
+    # name: (sampler, reference probability, cell probabilities for the goodness of fit)
+    "uniform": (sampler.uniform_candidate_sampler, ref.uniform_probability, np.ones),
+    "log_uniform": (
+        sampler.log_uniform_candidate_sampler,
+        ref.log_uniform_probability,
+        _log_uniform_cell_probs,
+    ),
+}
+
+
 @pytest.mark.parametrize("seed", [0, 1])
-@pytest.mark.parametrize("range_max", [7, 40])
-def test_uniform_distribution(seed, range_max):
+@pytest.mark.parametrize(
+    ("name", "range_max"),
+    [("uniform", 7), ("uniform", 40), ("log_uniform", 5), ("log_uniform", 60)],
+)
+def test_distribution(seed, name, range_max):
+    fn, probability, cell_probs = DISTRIBUTIONS[name]
     s = 20_000
-    out = sampler.uniform_candidate_sampler(LABELS, 2, s, False, range_max, seed=seed)
+    out = fn(LABELS, 2, s, False, range_max, seed=seed)
     ids = out.sampled_candidates.numpy()
     assert out.sampled_candidates.dtype == torch.int64 and ids.shape == (s,)
     assert ids.min() >= 0 and ids.max() < range_max
-    counts = np.bincount(ids, minlength=range_max)
-    assert chisquare_p(counts, np.ones(range_max)) > P_MIN
-    p = ref.uniform_probability(ids, range_max)
-    np.testing.assert_array_equal(out.sampled_expected_count.numpy(), ref.expected_count(p, s, s))
+    assert chisquare_p(np.bincount(ids, minlength=range_max), cell_probs(range_max)) > P_MIN
+    np.testing.assert_array_equal(
+        out.sampled_expected_count.numpy(),
+        ref.expected_count(probability(ids, range_max), s, s),
+    )
     np.testing.assert_array_equal(
         out.true_expected_count.numpy(),
-        ref.expected_count(ref.uniform_probability(LABELS.numpy(), range_max), s, s),
+        ref.expected_count(probability(LABELS.numpy(), range_max), s, s),
     )
     assert out.true_expected_count.dtype == torch.float32
     assert out.sampled_expected_count.dtype == torch.float32
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-@pytest.mark.parametrize("range_max", [5, 60])
-def test_log_uniform_distribution(seed, range_max):
-    s = 20_000
-    out = sampler.log_uniform_candidate_sampler(LABELS, 2, s, False, range_max, seed=seed)
-    ids = out.sampled_candidates.numpy()
-    assert ids.min() >= 0 and ids.max() < range_max
-    k = np.arange(range_max)
-    probs = np.log((k + 2.0) / (k + 1.0)) / np.log(range_max + 1.0)
-    np.testing.assert_allclose(probs.sum(), 1.0)
-    assert chisquare_p(np.bincount(ids, minlength=range_max), probs) > P_MIN
-    np.testing.assert_array_equal(
-        out.sampled_expected_count.numpy(),
-        ref.expected_count(ref.log_uniform_probability(ids, range_max), s, s),
-    )
-    np.testing.assert_array_equal(
-        out.true_expected_count.numpy(),
-        ref.expected_count(ref.log_uniform_probability(LABELS.numpy(), range_max), s, s),
-    )
-
-
 FIXED_CONFIGS = [
-    # (distortion, num_reserved_ids, num_shards, shard)
-    (1.0, 0, 1, 0),
-    (0.75, 3, 1, 0),
-    (0.5, 3, 2, 1),
-    (1.5, 4, 3, 2),
-    (0.0, 2, 2, 0),
+    # keyword arguments of FixedUnigramSampler and ref.fixed_unigram_weights
+    dict(zip(("distortion", "num_reserved_ids", "num_shards", "shard"), values))
+    for values in [(1.0, 0, 1, 0), (0.75, 3, 1, 0), (0.5, 3, 2, 1), (1.5, 4, 3, 2), (0.0, 2, 2, 0)]
 ]
+FIXED_IDS = ["-".join(str(v) for v in c.values()) for c in FIXED_CONFIGS]
 UNIGRAMS = [float(u) for u in np.random.default_rng(0).integers(1, 60, 25)]
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-@pytest.mark.parametrize(("distortion", "reserved", "num_shards", "shard"), FIXED_CONFIGS)
-def test_fixed_unigram_distribution(seed, distortion, reserved, num_shards, shard):
-    weights, total = ref.fixed_unigram_weights(UNIGRAMS, distortion, reserved, num_shards, shard)
+@pytest.mark.parametrize("config", FIXED_CONFIGS, ids=FIXED_IDS)
+def test_fixed_unigram_distribution(seed, config):
+    weights, total = ref.fixed_unigram_weights(UNIGRAMS, **config)
     range_max = len(weights)
     labels = torch.from_numpy(np.flatnonzero(weights > 0)[:4].reshape(2, 2))
     s = 20_000
     out = sampler.fixed_unigram_candidate_sampler(
-        labels,
-        2,
-        s,
-        False,
-        range_max,
-        distortion=distortion,
-        num_reserved_ids=reserved,
-        num_shards=num_shards,
-        shard=shard,
-        unigrams=UNIGRAMS,
-        seed=seed,
+        labels, 2, s, False, range_max, unigrams=UNIGRAMS, seed=seed, **config
     )
     ids = out.sampled_candidates.numpy()
     assert ids.min() >= 0 and ids.max() < range_max
@@ -137,24 +129,18 @@ def test_fixed_unigram_distribution(seed, distortion, reserved, num_shards, shar
     )
 
 
-@pytest.mark.parametrize(("distortion", "reserved", "num_shards", "shard"), FIXED_CONFIGS)
-def test_fixed_unigram_probability_table(distortion, reserved, num_shards, shard):
-    weights, total = ref.fixed_unigram_weights(UNIGRAMS, distortion, reserved, num_shards, shard)
-    s = sampler.FixedUnigramSampler(
-        len(weights),
-        distortion=distortion,
-        num_reserved_ids=reserved,
-        num_shards=num_shards,
-        shard=shard,
-        unigrams=UNIGRAMS,
-    )
+@pytest.mark.parametrize("config", FIXED_CONFIGS, ids=FIXED_IDS)
+def test_fixed_unigram_probability_table(config):
+    weights, total = ref.fixed_unigram_weights(UNIGRAMS, **config)
+    s = sampler.FixedUnigramSampler(len(weights), unigrams=UNIGRAMS, **config)
     ids = np.arange(len(weights))
     got = s.probability(torch.from_numpy(ids)).numpy()
     assert got.dtype == np.float32
     np.testing.assert_allclose(
         got, ref.fixed_unigram_probability(ids, weights, total), rtol=F32_RTOL
     )
-    n_reserved_kept = len([i for i in range(reserved) if i % num_shards == shard])
+    num_shards, shard = config["num_shards"], config["shard"]
+    n_reserved_kept = len([i for i in range(config["num_reserved_ids"]) if i % num_shards == shard])
     assert (got[:n_reserved_kept] == 0).all()
 
 
@@ -173,14 +159,8 @@ def test_fixed_unigram_vocab_file(tmp_path):
     path.write_text("".join(f"w{i},x,{u:g}\n" for i, u in enumerate(UNIGRAMS)))
     assert ref.read_vocab_weights(str(path)) == UNIGRAMS
     weights, total = ref.fixed_unigram_weights(UNIGRAMS, 0.75, 2, 2, 1)
-    a = sampler.FixedUnigramSampler(
-        len(weights),
-        vocab_file=str(path),
-        distortion=0.75,
-        num_reserved_ids=2,
-        num_shards=2,
-        shard=1,
-    )
+    config = dict(vocab_file=str(path), distortion=0.75, num_reserved_ids=2, num_shards=2, shard=1)
+    a = sampler.FixedUnigramSampler(len(weights), **config)
     ids = torch.arange(len(weights))
     np.testing.assert_allclose(
         a.probability(ids).numpy(),
@@ -188,17 +168,7 @@ def test_fixed_unigram_vocab_file(tmp_path):
         rtol=F32_RTOL,
     )
     out = sampler.fixed_unigram_candidate_sampler(
-        torch.tensor([[1]]),
-        1,
-        4000,
-        False,
-        len(weights),
-        vocab_file=str(path),
-        distortion=0.75,
-        num_reserved_ids=2,
-        num_shards=2,
-        shard=1,
-        seed=0,
+        torch.tensor([[1]]), 1, 4000, False, len(weights), seed=0, **config
     )
     counts = np.bincount(out.sampled_candidates.numpy(), minlength=len(weights))
     assert chisquare_p(counts, weights) > P_MIN
@@ -440,14 +410,7 @@ def test_int_seed_reproduces_and_generator_advances(name, unique):
 @pytest.mark.parametrize("cls", [sampler.UniformSampler, sampler.LogUniformSampler])
 def test_int_seed_reproduces_on_a_reused_sampler_object(cls):
     """A sampler object used for other draws in between still gives the same draw per seed."""
-    smp = cls(60)
-    first = smp.sample(LABELS, 2, 45, True, 5)
-    for seed in range(20):
-        smp.sample(LABELS, 2, 45, True, 100 + seed)
-        smp.sample(LABELS, 2, 2, True, 200 + seed)
-    again = smp.sample(LABELS, 2, 45, True, 5)
-    for u, v in zip(first, again):
-        torch.testing.assert_close(u, v, rtol=0, atol=0)
+    assert_reused_sampler_reproduces(cls(60), LABELS, 2)
 
 
 # ----------------------------------------------------------------------------------------------
