@@ -32,7 +32,7 @@ from urllib.parse import urlsplit
 import pyarrow.fs as pafs
 import torch
 
-from trainer.embeddings import atomic_torch_save
+from trainer.embeddings import atomic_torch_save, atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -183,17 +183,7 @@ class StoragePath:
     def write_bytes(self, data: bytes) -> None:
         """Write ``data`` so that readers see the old file or the whole new one."""
         if self.is_local:
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=posixpath.dirname(self.path), prefix=f".{self.name}.")
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, self.path)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            atomic_write(Path(self.path), lambda f: f.write(data))
             return
         with self.fs.open_output_stream(self.path) as f:
             f.write(data)
