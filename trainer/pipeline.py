@@ -81,7 +81,7 @@ def resolve_epochs(cfg: TrainConfig) -> TrainConfig:
         "epochs_from %s: training %d epoch(s), its best (data.holdout=%s there)",
         src,
         best,
-        manifest.get("holdout", "test"),
+        manifest.holdout,
     )
     return cfg.model_copy(update={"epochs": best})
 
