@@ -9,6 +9,7 @@ is not installed (``make install`` installs it where it can).
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -177,7 +178,11 @@ class RedisServer:
 
 class ServerProcess:
     """``python -m service serve`` in a subprocess of its own process group (`tests.procs.Proc`),
-    its output in ``log`` (a temporary file, removed at the end, when none is given)."""
+    its output in ``log`` (a temporary file, removed at the end, when none is given).
+
+    Entered once ``/readyz`` says 200 and, with ``--workers N``, once all N worker processes
+    have loaded a model (each loads in the background: one ready worker says nothing of the
+    others, which answer 503 until their own load is done)."""
 
     def __init__(self, args: list[str], env: dict[str, str] | None = None, log: Path | None = None):
         self.port = free_port()
@@ -197,7 +202,16 @@ class ServerProcess:
             self.log = Path(self._temp.name) / "server.log"
         self.proc = Proc(self.args, self.log, env=self.env, name="service serve")
         wait_ready(self.url, proc=self.proc)
+        if (workers := self.workers) > 1:
+            wait_versions([self.url], workers, timeout=120, proc=self.proc)
         return self
+
+    @property
+    def workers(self) -> int:
+        """The ``--workers`` given (1 when none)."""
+        if "--workers" in self.args:
+            return int(self.args[self.args.index("--workers") + 1])
+        return 1
 
     def kill(self) -> None:
         """SIGKILL: no shutdown hook runs."""
@@ -227,6 +241,40 @@ def wait_ready(url: str, timeout: float = 60.0, proc: Proc | None = None) -> Non
         raise NotYet(r.text)
 
     wait_until(ready, f"{url} ready", timeout, proc)
+
+
+def model_versions(url: str) -> dict[str, str]:
+    """pid -> the model version each worker process of a server serves (its metrics)."""
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    found = {}
+    for labels, value in re.findall(r"^shardrec_model_info\{([^}]*)\} (\S+)$", text, re.M):
+        parts = dict(p.split("=", 1) for p in labels.split(","))
+        if float(value) == 1.0:
+            found[parts["pid"].strip('"')] = parts["version"].strip('"')
+    return found
+
+
+def wait_versions(
+    urls: Sequence[str],
+    workers: int,
+    timeout: float,
+    version: str | None = None,
+    proc: Proc | None = None,
+) -> float:
+    """Until each of ``urls`` has ``workers`` processes serving one model (``version`` when
+    given); the seconds it took."""
+    start = time.monotonic()
+
+    def all_there() -> None:
+        seen = {url: model_versions(url) for url in urls}
+        for v in seen.values():
+            if len(v) != workers or len(set(v.values())) != 1:
+                raise NotYet(str(seen))
+            if version is not None and set(v.values()) != {version}:
+                raise NotYet(str(seen))
+
+    wait_until(all_there, f"{workers} workers on one model", timeout, proc, interval=0.05)
+    return time.monotonic() - start
 
 
 class Hammer:

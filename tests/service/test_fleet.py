@@ -6,7 +6,6 @@ refused everywhere."""
 
 from __future__ import annotations
 
-import re
 import shutil
 import subprocess
 import sys
@@ -19,8 +18,14 @@ import pytest
 
 from service.fleet import Fleet
 from service.store import SQLiteHistoryStore
-from tests.procs import NotYet, wait_until
-from tests.service.live import REPO, Hammer, RedisServer, ServerProcess
+from tests.service.live import (
+    REPO,
+    Hammer,
+    RedisServer,
+    ServerProcess,
+    model_versions,
+    wait_versions,
+)
 from tests.service.test_api import KEY, TOKEN, WRITE
 from tests.service.test_reload import corrupt_copy
 
@@ -51,30 +56,6 @@ def test_pointer_rules(tmp_path: Path) -> None:
         assert new_deployment.startup_path() == other.resolve()
         assert new_deployment.started("v9", other).serial == 3  # publishes its own
         assert first.to_follow("v2") is not None and joining.to_follow("v1") is not None
-
-
-def model_versions(url: str) -> dict[str, str]:
-    """pid -> the model version each worker process of a replica serves (its metrics)."""
-    text = httpx.get(f"{url}/metrics", timeout=10).text
-    found = {}
-    for labels, value in re.findall(r"^shardrec_model_info\{([^}]*)\} (\S+)$", text, re.M):
-        parts = dict(p.split("=", 1) for p in labels.split(","))
-        if float(value) == 1.0:
-            found[parts["pid"].strip('"')] = parts["version"].strip('"')
-    return found
-
-
-def wait_versions(urls: list[str], version: str, workers: int, timeout: float) -> float:
-    """Until every worker of every replica serves ``version``; the seconds it took."""
-    start = time.monotonic()
-
-    def all_there() -> None:
-        seen = {url: model_versions(url) for url in urls}
-        if any(len(v) != workers or set(v.values()) != {version} for v in seen.values()):
-            raise NotYet(str(seen))
-
-    wait_until(all_there, f"every process on {version}", timeout, interval=0.05)
-    return time.monotonic() - start
 
 
 @pytest.fixture
@@ -109,7 +90,7 @@ def fleet(tmp_path: Path, artifacts_a: Path, artifacts_b: Path) -> Iterator[dict
 def test_two_replicas_of_two_workers(fleet: dict) -> None:
     urls: list[str] = fleet["urls"]
     old = httpx.get(f"{urls[0]}/readyz").json()["model_version"]
-    wait_versions(urls, old, workers=2, timeout=120)  # all four processes loaded
+    wait_versions(urls, 2, timeout=120, version=old)  # all four processes loaded
 
     # An event acknowledged by one replica is in the next answer of the other.
     for i in range(10):
@@ -143,7 +124,7 @@ def test_two_replicas_of_two_workers(fleet: dict) -> None:
         reloaded_at = time.monotonic()
         assert r.status_code == 200, r.text
         new = r.json()["model_version"]
-        moved_s = wait_versions(urls, new, workers=2, timeout=MOVE_BOUND_S)
+        moved_s = wait_versions(urls, 2, timeout=MOVE_BOUND_S, version=new)
         moved_at = time.monotonic()
         hammer.wait_for(100)
     print(f"\nevery process on {new} {moved_s:.2f}s after the reload answered")
