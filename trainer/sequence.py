@@ -25,6 +25,15 @@ from torch import nn
 from trainer.model import ModelConfig, UserTower, add_feature_embeddings, user_feature_vectors
 
 
+def _at(t: torch.Tensor, query: torch.Tensor | int, dim: int = 1) -> torch.Tensor:
+    """``t``'s entries at position ``query`` along ``dim`` (one per row: int64 ``[B]``, or the
+    same for every row: an int, a cheap slice), the dimension kept with size 1."""
+    if isinstance(query, int):
+        return t.narrow(dim, query, 1)
+    rows = torch.arange(t.shape[0], device=t.device)
+    return (t[rows, query] if dim == 1 else t[rows, :, query]).unsqueeze(dim)
+
+
 class _Block(nn.Module):
     """Multi-head causal self-attention and a point-wise feed-forward net, with residuals."""
 
@@ -39,23 +48,42 @@ class _Block(nn.Module):
         self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.drop = nn.Dropout(dropout)
 
-    def _attend(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-        b, length, dim = x.shape
+    def _attend(
+        self, x: torch.Tensor, allowed: torch.Tensor, query: torch.Tensor | int | None
+    ) -> torch.Tensor:
+        """Attention output ``[B, Lq, Dh]``: for every position (``query`` None, ``Lq = L``)
+        or for one position per row (``query``, see `_at`; ``Lq = 1``; keys and values still
+        from every position)."""
+        b, dim = x.shape[0], x.shape[2]
+        if query is None:
+            q, k, v = self.qkv(x).chunk(3, dim=2)
+        else:
+            weight, bias = self.qkv.weight, self.qkv.bias
+            q = F.linear(_at(x, query), weight[:dim], bias[:dim])  # [B, 1, Dh]
+            k, v = F.linear(x, weight[dim:], bias[dim:]).chunk(2, dim=2)
+            allowed = _at(allowed, query, dim=2)  # [B, 1, 1, L]
         q, k, v = (
-            t.view(b, length, self.heads, dim // self.heads).transpose(1, 2)
-            for t in self.qkv(x).chunk(3, dim=2)
+            t.reshape(b, -1, self.heads, dim // self.heads).transpose(1, 2) for t in (q, k, v)
         )
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=allowed, dropout_p=self.dropout if self.training else 0.0
         )
-        return self.proj(out.transpose(1, 2).reshape(b, length, dim))
+        return self.proj(out.transpose(1, 2).reshape(b, -1, dim))
 
-    def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-        """``x`` float ``[B, L, Dh]``; ``allowed`` bool ``[B, 1, L, L]`` (query, key)."""
+    def forward(
+        self, x: torch.Tensor, allowed: torch.Tensor, query: torch.Tensor | int | None = None
+    ) -> torch.Tensor:
+        """``x`` float ``[B, L, Dh]``; ``allowed`` bool ``[B, 1, L, L]`` (query, key).
+
+        Returns ``[B, L, Dh]``, or with ``query`` (see `_at`) the output at that one position
+        of each row, ``[B, 1, Dh]`` (the same values, at a fraction of the work: the tower's
+        last block at inference).
+        """
+        here = x if query is None else _at(x, query)
         if self.pre_norm:
-            x = x + self.drop(self._attend(self.norm1(x), allowed))
+            x = here + self.drop(self._attend(self.norm1(x), allowed, query))
             return x + self.drop(self.ffn(self.norm2(x)))
-        x = self.norm1(x + self.drop(self._attend(x, allowed)))
+        x = self.norm1(here + self.drop(self._attend(x, allowed, query)))
         return self.norm2(x + self.drop(self.ffn(x)))
 
 
@@ -136,12 +164,17 @@ class SequenceTower(nn.Module):
         causal = torch.tril(torch.ones(length, length, dtype=torch.bool, device=x.device))
         allowed = (causal & valid.unsqueeze(1)) | eye  # [B, L(query), L(key)]
         allowed = allowed.unsqueeze(1)
-        for block in self.blocks:
-            x = block(x, allowed)
-        x = self.final_norm(x)
-        if not all_positions:
+        if all_positions:
+            for block in self.blocks:
+                x = block(x, allowed)
+        else:  # only the last position's output is needed: the last block computes just it
             last = (valid.long() * torch.arange(length, device=x.device)).amax(1)  # [B]
-            x = x[torch.arange(batch, device=x.device), last]  # [B, Dh]
+            for block in self.blocks[:-1]:
+                x = block(x, allowed)
+            # left-padded rows (the encoder's) all end at the last column: a slice, no gather
+            query = length - 1 if bool((last == length - 1).all()) else last
+            x = self.blocks[-1](x, allowed, query=query).squeeze(1)  # [B, Dh]
+        x = self.final_norm(x)
         if self.user_feature_names:
             parts = user_feature_vectors(self, user_features, batch, x.device)
             feats = torch.cat(parts, 1).to(x.dtype)  # [B, F * n]

@@ -5,6 +5,7 @@
     python -m benchmarks.serve --rate 800                        # a fixed offered rate
     python -m benchmarks.serve --skip-sweep --profile 15         # + per-request CPU breakdown
     python -m benchmarks.serve --only-reload                     # reload, 2 replicas x 2 workers
+    python -m benchmarks.serve --only-towers                     # sequence vs mean tower
 
 Steps:
 
@@ -34,11 +35,14 @@ Steps:
    ``--reload-items`` items, closed-loop load on both replicas while a reload through one
    replica moves every process to a second model: failed requests, and the seconds until every
    process serves the new model.
+9. With ``--towers`` (or ``--only-towers``): the same closed loop against a server of the
+   sequence tower and one of the mean tower, on the same items and the same saved index, for
+   known users and for explicit 50-item histories (`towers`).
 
 Modules: ``cli`` (flags), ``artifacts`` (synthetic artifacts), ``inprocess`` (steps 2 to 4),
 ``load`` (the HTTP load generator), ``server`` (server processes, their CPU and counters),
-``wrk`` (step 6), ``profiling`` (step 7), ``reload`` (step 8), ``report`` (the printed tables)
-and ``__main__`` (the run, in the order above).
+``wrk`` (step 6), ``profiling`` (step 7), ``reload`` (step 8), ``towers`` (step 9), ``report``
+(the printed tables) and ``__main__`` (the run, in the order above).
 """
 
 import logging

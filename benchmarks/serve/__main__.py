@@ -14,8 +14,9 @@ from benchmarks.serve.inprocess import raw_throughput, sweep
 from benchmarks.serve.load import request_bytes
 from benchmarks.serve.profiling import profile
 from benchmarks.serve.reload import reload_under_load
-from benchmarks.serve.report import print_api, print_reload
+from benchmarks.serve.report import print_api, print_reload, print_towers
 from benchmarks.serve.server import measured_load, running, server_flags
+from benchmarks.serve.towers import compare_towers
 from benchmarks.serve.wrk import run_wrk
 
 
@@ -74,11 +75,18 @@ def main(argv: list[str] | None = None) -> None:
         )
         print()
 
+    item_ids = [str(i) for i in model.artifacts.item_ids]
+    ctx = multiprocessing.get_context("spawn")
+    if args.only_towers:
+        store.close()
+        del recommender, model
+        with concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx) as pool:
+            print_towers(args, compare_towers(args, pool, artifacts, users, item_ids))
+        return
     raw = raw_throughput(recommender, users, args.k, seconds=min(args.duration, 5.0))
     store.close()
     del recommender, model
 
-    ctx = multiprocessing.get_context("spawn")
     results, closed_two, wrk, profile_rows = [], None, None, []
     with concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx) as pool:
         flags = server_flags(args, db, args.workers)
@@ -107,12 +115,14 @@ def main(argv: list[str] | None = None) -> None:
                 requests = request_bytes(users, args.k, "127.0.0.1", server.port)
                 measured_load(pool, server, requests, args, None, args.connections)  # warm-up
                 closed_two = measured_load(pool, server, requests, args, None, args.connections)
+        towers = compare_towers(args, pool, artifacts, users, item_ids) if args.towers else []
 
     print_api(args, results, raw, closed_two, wrk)
     if profile_rows:
         print("### Per-request server CPU by stage (py-spy samples, wrk closed loop)\n")
         print(table(["stage", "% of samples", "CPU us per request"], profile_rows))
         print()
+    print_towers(args, towers)
     if args.reload:
         print_reload(args, reload_under_load(args))
 

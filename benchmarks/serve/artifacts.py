@@ -34,8 +34,9 @@ def random_tables(num_items: int, dim: int, seed: int) -> dict[str, object]:
 
 def make_artifacts(args: argparse.Namespace, **override: int) -> Path:
     """The benchmark's artifact directory (built once, then reused while it verifies);
-    ``num_items=`` / ``seed=`` override the arguments."""
-    args = argparse.Namespace(**{**vars(args), **override})
+    ``num_items=`` / ``seed=`` / ``tower=`` (``mean``, the default, or ``sequence``) override
+    the arguments. Every tower gets the same item tables for the same items and seed."""
+    args = argparse.Namespace(**{"tower": "mean", **vars(args), **override})
     import torch
 
     from trainer.artifacts import ArtifactError, verify_artifacts
@@ -44,7 +45,8 @@ def make_artifacts(args: argparse.Namespace, **override: int) -> Path:
     from trainer.data import load_dataset
     from trainer.train import build_tower
 
-    out = args.work_dir / f"artifacts-{args.num_items}-d{args.dim}-s{args.seed}"
+    suffix = "" if args.tower == "mean" else f"-{args.tower}"
+    out = args.work_dir / f"artifacts-{args.num_items}-d{args.dim}-s{args.seed}{suffix}"
     if (out / "manifest.json").exists():
         try:
             verify_artifacts(out)
@@ -62,6 +64,7 @@ def make_artifacts(args: argparse.Namespace, **override: int) -> Path:
             f"data.synthetic.seed={args.seed}",
             f"model.embedding_dim={args.dim}",
             "model.hidden=[256]",
+            f"model.tower={args.tower}",
             f"seed={args.seed}",
             "progress=false",
         ],

@@ -38,5 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--server-code", type=Path, help="checkout the server runs from")
     p.add_argument("--reload", action="store_true", help="also: reload under load, 2 x 2")
     p.add_argument("--only-reload", action="store_true", help="only the reload measurement")
+    p.add_argument("--towers", action="store_true", help="also: sequence vs mean tower, same index")
+    p.add_argument("--only-towers", action="store_true", help="only the tower comparison")
     p.add_argument("--reload-items", type=int, default=100_000)
     return p.parse_args(argv)

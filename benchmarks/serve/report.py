@@ -109,3 +109,16 @@ def print_reload(args, rows) -> None:
     )
     print(table(["replica", "requests", "failed", "req/s", "p99 ms"], rows))
     print()
+
+
+def print_towers(args, rows) -> None:
+    if not rows:
+        return
+    print(
+        f"### Sequence tower versus mean tower: same items, same saved HNSW index (M={args.m}, "
+        f"ef_search={args.ef_search}), one uvicorn process, closed loop, "
+        f"{args.connections} connections\n"
+    )
+    headers = ["tower", "requests", "req/s", "p50 ms", "p99 ms", "server CPU ms/req"]
+    print(table([*headers, "x mean tower"], rows))
+    print()

@@ -72,6 +72,26 @@ def test_padding_does_not_leak_and_either_side_gives_the_same_vector():
     torch.testing.assert_close(net(rows, ragged, feats)[:1], alone, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("norm", ["pre", "post"])
+@pytest.mark.parametrize("padding", ["none", "left", "ragged"])
+def test_the_last_position_alone_equals_the_last_of_every_position(norm, padding):
+    """Inference computes only the last position in the last block (a slice when every row
+    ends at the last column, a gather when rows end elsewhere): the same vectors as every
+    position's pass, read at each row's last item."""
+    net = tower(seed=4, norm=norm, blocks=3)
+    rows, ids = rows_and_ids(5, batch=5)
+    if padding == "left":
+        ids[:, :3] = -1
+    elif padding == "ragged":  # right-padded rows of different lengths, one empty
+        for r, n in enumerate((10, 7, 1, 0, 4)):
+            ids[r, n:] = -1
+    feats = {"segment": torch.tensor([0, 1, 2, 3, 4])}
+    every = net(rows, ids, feats, all_positions=True)  # [B, L, D]
+    last = ((ids >= 0).long() * torch.arange(10)).amax(1)
+    expected = every[torch.arange(5), last]
+    torch.testing.assert_close(net(rows, ids, feats), expected, rtol=0, atol=1e-5)
+
+
 def test_split_holds_out_what_the_setting_says():
     offsets = np.array([0, 2, 5, 9], dtype=np.int64)  # users of 2, 3 and 4 interactions
     train, valid, test = split_positions(offsets, "test")
