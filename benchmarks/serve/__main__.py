@@ -50,13 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     info = model.index_info
     load_seconds = time.perf_counter() - start
     set_num_threads(1)
-    db = args.work_dir / f"histories-{artifacts.name}.sqlite"
-    store = SQLiteHistoryStore(db, synchronous="NORMAL")
-    seed_store(store, model)
-    recommender = Recommender(model, store, history_limit=1000)
     users = [str(u) for u in model.artifacts.user_ids]
-    users_file = args.work_dir / "users.txt"
-    users_file.write_text("\n".join(users) + "\n")
 
     recall = info.recall
     print(
@@ -66,6 +60,13 @@ def main(argv: list[str] | None = None) -> None:
         f"recall@{recall.k if recall else '?'} = {recall.recall if recall else float('nan'):.3f} "
         f"on {recall.num_queries if recall else 0} user vectors\n"
     )
+    ctx = multiprocessing.get_context("spawn")
+    if args.only_towers:  # the servers load the saved index; nothing else here is needed
+        item_ids = [str(i) for i in model.artifacts.item_ids]
+        del model
+        with concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx) as pool:
+            print_towers(args, compare_towers(args, pool, artifacts, users, item_ids))
+        return
     if not args.skip_sweep:
         queries = training_user_vectors(model.artifacts, args.sweep_queries)
         rows = sweep(args, model, queries)
@@ -75,15 +76,14 @@ def main(argv: list[str] | None = None) -> None:
         )
         print()
 
-    item_ids = [str(i) for i in model.artifacts.item_ids]
-    ctx = multiprocessing.get_context("spawn")
-    if args.only_towers:
-        store.close()
-        del recommender, model
-        with concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx) as pool:
-            print_towers(args, compare_towers(args, pool, artifacts, users, item_ids))
-        return
+    db = args.work_dir / f"histories-{artifacts.name}.sqlite"
+    store = SQLiteHistoryStore(db, synchronous="NORMAL")
+    seed_store(store, model)
+    recommender = Recommender(model, store, history_limit=1000)
+    users_file = args.work_dir / "users.txt"
+    users_file.write_text("\n".join(users) + "\n")
     raw = raw_throughput(recommender, users, args.k, seconds=min(args.duration, 5.0))
+    item_ids = [str(i) for i in model.artifacts.item_ids]
     store.close()
     del recommender, model
 

@@ -10,16 +10,19 @@ from typing import Any
 import numpy as np
 
 
+def recommend_request(payload: dict[str, Any], host: str, port: int) -> bytes:
+    """One raw ``POST /v1/recommend`` HTTP/1.1 request (keep-alive) with ``payload`` as JSON."""
+    body = json.dumps(payload).encode()
+    head = (
+        f"POST /v1/recommend HTTP/1.1\r\nHost: {host}:{port}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    return head.encode() + body
+
+
 def request_bytes(users: list[str], k: int, host: str, port: int) -> list[bytes]:
-    out = []
-    for user in users:
-        body = json.dumps({"user_id": user, "k": k}).encode()
-        head = (
-            f"POST /v1/recommend HTTP/1.1\r\nHost: {host}:{port}\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
-        )
-        out.append(head.encode() + body)
-    return out
+    """One request per known user: ``{"user_id": user, "k": k}``."""
+    return [recommend_request({"user_id": user, "k": k}, host, port) for user in users]
 
 
 async def _read_response(reader: asyncio.StreamReader) -> int:

@@ -13,7 +13,6 @@ mean tower's for the same mix.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import numpy as np
 
 from benchmarks.serve import logger
 from benchmarks.serve.artifacts import make_artifacts
-from benchmarks.serve.load import request_bytes
+from benchmarks.serve.load import recommend_request, request_bytes
 from benchmarks.serve.server import measured_load, running, server_flags
 
 TOWERS = ("mean", "sequence")
@@ -50,12 +49,8 @@ def history_requests(
     out = []
     for _ in range(count):
         picks = rng.choice(len(item_ids), size=length, replace=False)
-        body = json.dumps({"history": [item_ids[i] for i in picks], "k": k}).encode()
-        head = (
-            f"POST /v1/recommend HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
-        )
-        out.append(head.encode() + body)
+        payload = {"history": [item_ids[i] for i in picks], "k": k}
+        out.append(recommend_request(payload, "127.0.0.1", port))
     return out
 
 

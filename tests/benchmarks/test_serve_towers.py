@@ -7,13 +7,11 @@ import json
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
+from benchmarks.serve import REPO
 from benchmarks.serve.towers import history_requests, share_index
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def test_history_requests_are_distinct_catalogue_items():
