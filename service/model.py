@@ -201,7 +201,7 @@ class Model:
             "embedding_dim": self.dim,
             "max_history": self.max_history,
             "tower": self.artifacts.model.tower,
-            "holdout": manifest.get("holdout", "test"),
+            "holdout": manifest.holdout,
             "user_features": self.feature_names,
             "metrics": manifest.metrics,
             "loaded_at": self.loaded_at,

@@ -154,7 +154,7 @@ def evaluate_artifacts(path: str | Path, data_dir: str | None = None, progress: 
         ValueError: the model was trained with no test split held out (``data.holdout``).
     """
     art: Artifacts = load_artifacts(path)
-    holdout = art.manifest.get("holdout", "test")
+    holdout = art.manifest.holdout
     if holdout != "test":
         raise ValueError(
             f"{path} was trained with data.holdout={holdout}: it has no test split to evaluate "
@@ -190,7 +190,7 @@ def artifact_table(path: str | Path) -> str:
     saying there are none)."""
     manifest = load_artifacts(path).manifest
     if "model" not in manifest["metrics"]:
-        return no_test_metrics(manifest.get("holdout", "none"))
+        return no_test_metrics(manifest.holdout)
     return format_table(_models(manifest["metrics"]), manifest["config"]["eval_ks"])
 
 
