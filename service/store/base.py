@@ -13,9 +13,12 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, Protocol, Self
+from typing import TYPE_CHECKING, Any, Protocol
 
 from service.store.checks import check_id, group_rows
+
+if TYPE_CHECKING:
+    from typing import Self  # Python 3.11+; annotations only (this module supports 3.10)
 
 
 @dataclasses.dataclass(frozen=True)
