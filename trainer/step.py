@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -79,19 +79,15 @@ def make_window_batch(ds: Dataset, ends: np.ndarray, counts: np.ndarray) -> Batc
     the targets ``ends[w] - counts[w] + 1 .. ends[w]``.
     """
     length = ds.max_history
-    hist, _ = history_batch(ds.seq, ends, length)
     counts = np.asarray(counts, dtype=np.int64)
     mask = np.arange(length)[None, :] >= (length - counts)[:, None]  # [W, L]
     cols = np.nonzero(mask)
     target_pos = np.asarray(ends)[cols[0]] - (length - 1 - cols[1])
-    users = ds.seq.user_of(ends)
-    feats = {k: torch.from_numpy(np.asarray(v)[users]) for k, v in ds.user_features.items()}
-    return Batch(
-        torch.from_numpy(np.asarray(hist)).long(),
-        torch.from_numpy(ds.seq.items[target_pos]).long(),
-        feats,
-        torch.zeros(len(ends), dtype=torch.float32),
-        torch.from_numpy(mask),
+    windows = make_batch(ds, ends, with_age=False)  # histories and user features of the rows
+    return replace(
+        windows,
+        targets=torch.from_numpy(ds.seq.items[target_pos]).long(),
+        target_mask=torch.from_numpy(mask),
     )
 
 
