@@ -71,8 +71,7 @@ def _matmul_floor(args, device):
 
 
 def _full_softmax(args, device):
-    weights = torch.nn.Parameter(torch.randn(args.num_classes, args.dim, device=device) * 0.01)
-    biases = torch.nn.Parameter(torch.zeros(args.num_classes, device=device))
+    weights, biases = _tables(args, device)
     inputs = torch.randn(args.batch, args.dim, device=device, requires_grad=True)
     labels = torch.randint(0, args.num_classes, (args.batch,), device=device)
 

@@ -185,8 +185,9 @@ def train_sasrec(
             idx = np.where(pos != 0)
             loss = bce(pos_logits[idx], torch.ones_like(pos_logits[idx]))
             loss = loss + bce(neg_logits[idx], torch.zeros_like(neg_logits[idx]))
-            for p in model.item_emb.parameters():
-                loss = loss + args.l2_emb * torch.sum(p**2)
+            if args.l2_emb:  # upstream's embedding L2 (0 by default: nothing to add)
+                for p in model.item_emb.parameters():
+                    loss = loss + args.l2_emb * torch.sum(p**2)
             opt.zero_grad()
             loss.backward()
             opt.step()

@@ -77,12 +77,10 @@ class InProcess:
     def measure(self, steps: int, warmup: int) -> dict:
         tr, store, bs = self.trainer, self.store, self.cfg.batch_size
         prep = compute = 0.0
-        start = 0.0
         step_seconds = []
         for i in range(warmup + steps):
             if i == warmup:
                 store.pull_s = store.push_s = prep = compute = 0.0
-                start = time.perf_counter()
                 step_seconds = []
             b = self.b % self.batches
             self.b += 1
@@ -97,7 +95,6 @@ class InProcess:
         return {
             "steps": steps,
             "examples": steps * bs,
-            "total": time.perf_counter() - start,
             "prepare": prep,
             "pull": store.pull_s,
             "compute": compute,
