@@ -33,7 +33,7 @@ import ray
 from benchmarks.common import machine, table
 from trainer.config import DistributedConfig, LossConfig, ModelConfig, TrainConfig
 from trainer.data import DataConfig, SyntheticConfig, load_dataset
-from trainer.distributed.driver import RayRun
+from trainer.distributed.driver import started_run
 from trainer.distributed.session import local_ray
 from trainer.shards.actor import create_shard_actors
 
@@ -46,14 +46,10 @@ def _rate(result: dict) -> float:
 
 def run_ours(cfg: TrainConfig, ds, steps: int, warmup: int) -> dict:
     start = time.time()
-    run = RayRun(cfg, ds)
-    try:
-        run.start(resume=False)
+    with started_run(cfg, ds) as run:
         ready = time.time()
         results = run.wait_all([w.bench.remote(steps, warmup) for w in run.workers])
         done = time.time()
-    finally:
-        run.shutdown()
     return {"startup": ready - start, "rate": _rate(results[0]), "total": done - start}
 
 
